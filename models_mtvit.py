@@ -1,0 +1,460 @@
+"""MTViT: DeiT vision transformers made cheaper by token mergence and a multi-scale front end.
+
+At a few blocks (``drop_loc``) only the patch tokens the class token attends to most are kept;
+every other patch token is merged into the kept token it is most similar to (cosine similarity),
+as a class-attention-weighted mean. With ``multi_scale=True`` the first blocks also run on a
+half-resolution copy of the image and the two streams are fused before the first reduction.
+
+The parameter names are those of the original release (and of timm's DeiT), so checkpoints of
+either load with ``strict=True``. Importing this module registers the models with timm.
+"""
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import register_model
+
+__all__ = ['MTViT', 'merge_tokens', 'MTVIT_MODELS']
+
+MULTI_SCALE_BLOCKS = 3
+"""Blocks that run on both scales before the fusion module; reductions must come after them."""
+
+POOL = 2
+"""The low-resolution stream and the pooled attention work on a grid halved in each direction."""
+
+Reduction = Tuple[torch.Tensor, torch.Tensor]
+"""What a reducing block reports: ``(kept_index (B, K), assignment (B, N - 1))``."""
+
+
+def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """2x2 average pooling (stride 2) of patch tokens laid out row-major on a grid.
+
+    Args:
+        patches: (B, gh * gw, C).
+        grid: (gh, gw), both even.
+    Returns:
+        (B, gh/2 * gw/2, C).
+    """
+    batch, _, dim = patches.shape
+    gh, gw = grid
+    cells = patches.reshape(batch, gh // POOL, POOL, gw // POOL, POOL, dim)
+    return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
+
+
+def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Nearest 2x upsampling of patch tokens: each token is repeated over its 2x2 cells.
+
+    Args:
+        patches: (B, gh * gw, C) on the small grid.
+        grid: (gh, gw), the small grid.
+    Returns:
+        (B, 2gh * 2gw, C), row-major on the doubled grid.
+    """
+    batch, _, dim = patches.shape
+    gh, gw = grid
+    cells = patches.reshape(batch, gh, 1, gw, 1, dim).expand(batch, gh, POOL, gw, POOL, dim)
+    return cells.reshape(batch, gh * POOL * gw * POOL, dim)
+
+
+def merge_tokens(
+        x: torch.Tensor,
+        cls_attention: torch.Tensor,
+        num_keep: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the ``num_keep`` most attended patch tokens and merge every other one into its
+    most similar kept token (SPEC 1.2).
+
+    A kept token becomes the class-attention-weighted mean of itself and the tokens merged
+    into it. Kept tokens come out in descending score order; the class token passes through.
+
+    Args:
+        x: (B, N, C) tokens, class token first.
+        cls_attention: (B, N - 1) class-token attention to each patch token (head mean).
+        num_keep: K, patch tokens kept, 1 <= K <= N - 1.
+    Returns:
+        x: (B, K + 1, C); kept_index: (B, K) positions among the input patch tokens of the kept
+        ones, in output order; assignment: (B, N - 1) output patch position of each input patch.
+    """
+    cls_token, patches = x[:, :1], x[:, 1:]
+    batch, num_patches, dim = patches.shape
+    order = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
+    kept_index, pruned_index = order[:, :num_keep], order[:, num_keep:]
+    kept = patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim))
+    pruned = patches.gather(1, pruned_index.unsqueeze(-1).expand(-1, -1, dim))
+    kept_score = cls_attention.gather(1, kept_index)
+    pruned_score = cls_attention.gather(1, pruned_index)
+
+    # The choice of merge target is discrete: no gradient flows through the similarities.
+    with torch.no_grad():
+        similarity = F.normalize(pruned, dim=-1) @ F.normalize(kept, dim=-1).transpose(1, 2)
+        target = similarity.argmax(dim=-1)
+
+    weighted_sum = (kept * kept_score.unsqueeze(-1)).scatter_add(
+        1, target.unsqueeze(-1).expand(-1, -1, dim), pruned * pruned_score.unsqueeze(-1))
+    total_score = kept_score.scatter_add(1, target, pruned_score)
+    merged = weighted_sum / total_score.unsqueeze(-1)
+
+    kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
+    assignment = torch.empty_like(order).scatter_(1, order, torch.cat([kept_position, target], 1))
+    return torch.cat([cls_token, merged], dim=1), kept_index, assignment
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused kernel) that can also return the class token's row."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True,
+                 attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, return_cls_attention: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Args: x (B, N, C). Returns (B, N, C) and, if asked, the class attention (B, N - 1):
+        softmax weights from the class token's query to each patch token, averaged over heads."""
+        batch, num_tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
+        cls_attention = None
+        if return_cls_attention:
+            # Only the class token's row of the attention matrix is needed: (B, H, 1, N).
+            cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
+            cls_attention = cls_logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+        return out, cls_attention
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block that may reduce its tokens by mergence between attention and MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 keep_rate: float = 1.):
+        super().__init__()
+        self.keep_rate = keep_rate
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                              attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio),
+                       act_layer=nn.GELU, drop=drop)
+
+    def num_keep(self, num_patches: int, keep_rate: Optional[float] = None,
+                 tokens: Optional[int] = None) -> int:
+        """Patch tokens this block keeps out of ``num_patches`` (equal: no reduction).
+
+        ``tokens`` fixes the count whatever the configured rate; otherwise the block reduces only
+        when both its configured rate and the rate in force (``keep_rate``, default the
+        configured one) are below 1, keeping ``ceil(rate * num_patches)``.
+        """
+        if tokens is not None:
+            if not 0 < tokens <= num_patches:
+                raise ValueError(f'tokens={tokens} is outside 1..{num_patches}, '
+                                 f'the patch tokens this block receives')
+            return tokens
+        keep_rate = self.keep_rate if keep_rate is None else keep_rate
+        if keep_rate <= 0:
+            raise ValueError(f'keep rate {keep_rate} must be in (0, 1]')
+        if self.keep_rate >= 1 or keep_rate >= 1:
+            return num_patches
+        return math.ceil(keep_rate * num_patches)
+
+    def forward(self, x: torch.Tensor, keep_rate: Optional[float] = None,
+                tokens: Optional[int] = None) -> Tuple[torch.Tensor, Optional[Reduction]]:
+        """Args: x (B, N, C). Returns x (B, K + 1, C) and the reduction made, or None."""
+        num_keep = self.num_keep(x.shape[1] - 1, keep_rate, tokens)
+        reduces = num_keep < x.shape[1] - 1
+        attn, cls_attention = self.attn(self.norm1(x), return_cls_attention=reduces)
+        x = x + self.drop_path(attn)
+        reduction = None
+        if reduces:
+            x, kept_index, assignment = merge_tokens(x, cls_attention, num_keep)
+            reduction = (kept_index, assignment)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, reduction
+
+    def forward_pooled(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Full-resolution stream of the multi-scale front end: attention runs on a 2x2-pooled
+        copy and is upsampled back (nearest); the MLP runs at full resolution.
+
+        Args: x (B, 1 + gh * gw, C); grid (gh, gw). Returns (B, 1 + gh * gw, C).
+        """
+        pooled = torch.cat([x[:, :1], pool_patch_grid(x[:, 1:], grid)], dim=1)
+        attn = self.drop_path(self.attn(self.norm1(pooled))[0])
+        low_grid = (grid[0] // POOL, grid[1] // POOL)
+        x = x + torch.cat([attn[:, :1], upsample_patch_grid(attn[:, 1:], low_grid)], dim=1)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def depthwise_conv(dim: int, kernel_size: int, dilation: int = 1) -> nn.Conv2d:
+    """Depthwise conv with bias that keeps the spatial size."""
+    return nn.Conv2d(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                     dilation=dilation, groups=dim)
+
+
+class LargeKernelConv(nn.Module):
+    """Depthwise 3x3, depthwise 7x7 dilated by 2, then pointwise 1x1: a large receptive field
+    at a small cost. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv0 = depthwise_conv(dim, 3)
+        self.conv_spatial = depthwise_conv(dim, 7, dilation=2)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.conv_spatial(self.conv0(x)))
+
+
+class ScaleFusion(nn.Module):
+    """Fuses the low- and full-resolution streams into one full-resolution stream (SPEC 1.3)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lka = LargeKernelConv(dim)
+        self.peg = depthwise_conv(dim, 3)
+
+    def forward(self, x_high: torch.Tensor, x_low: torch.Tensor,
+                grid: Tuple[int, int]) -> torch.Tensor:
+        """Args: x_high (B, 1 + gh * gw, C); x_low (B, 1 + gh/2 * gw/2, C); grid (gh, gw).
+        Returns (B, 1 + gh * gw, C)."""
+        batch, _, dim = x_high.shape
+        low_grid = (grid[0] // POOL, grid[1] // POOL)
+        to_map = (batch, grid[0], grid[1], dim)
+        u = upsample_patch_grid(x_low[:, 1:], low_grid).reshape(to_map).permute(0, 3, 1, 2)
+        u = u + self.lka(u)
+        u = u + x_high[:, 1:].reshape(to_map).permute(0, 3, 1, 2)
+        u = u + self.peg(u)
+        cls_token = x_high[:, :1] + x_low[:, :1]
+        return torch.cat([cls_token, u.flatten(2).transpose(1, 2)], dim=1)
+
+
+def _per_block(value, depth: int, name: str) -> list:
+    """A scalar (or None) repeated for every block, or a per-block sequence checked for length."""
+    if value is None or isinstance(value, numbers.Number):
+        return [value] * depth
+    values = list(value)
+    if len(values) != depth:
+        raise ValueError(f'{name} has {len(values)} entries, the model has {depth} blocks')
+    return values
+
+
+class MTViT(nn.Module):
+    """DeiT with token mergence at ``drop_loc`` and an optional multi-scale front end."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            base_keep_rate: float = 0.7,
+            drop_loc: Sequence[int] = (3, 6, 9),
+            multi_scale: bool = False,
+    ):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.grid = self._check_config(self.img_size, patch_size, depth, base_keep_rate,
+                                       drop_loc, multi_scale)
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.multi_scale = multi_scale
+        self.drop_loc = tuple(drop_loc)
+        self.keep_rates = [base_keep_rate if i in self.drop_loc else 1. for i in range(depth)]
+
+        self.patch_embed = PatchEmbed(img_size=self.img_size, patch_size=patch_size,
+                                      in_chans=in_chans, embed_dim=embed_dim,
+                                      strict_img_size=False)
+        num_patches = self.grid[0] * self.grid[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if multi_scale:
+            self.pos_embed_list = nn.ParameterList([
+                nn.Parameter(torch.zeros(1, num_patches // POOL ** 2 + 1, embed_dim)),
+                nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim)),
+            ])
+            self.up = ScaleFusion(embed_dim)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=drop_path_rates[i],
+                  keep_rate=self.keep_rates[i])
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    @staticmethod
+    def _check_config(img_size, patch_size, depth, base_keep_rate, drop_loc, multi_scale):
+        """Validates the configuration; returns the patch grid (gh, gw)."""
+        if any(side % patch_size for side in img_size):
+            raise ValueError(f'input size {img_size} is not divisible by patch size {patch_size}')
+        if not 0 < base_keep_rate <= 1:
+            raise ValueError(f'base_keep_rate {base_keep_rate} must be in (0, 1]')
+        if any(not 0 <= loc < depth for loc in drop_loc):
+            raise ValueError(f'drop_loc {tuple(drop_loc)} must lie in 0..{depth - 1} (depth {depth})')
+        grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        if multi_scale:
+            if any(side % POOL for side in grid):
+                raise ValueError(f'multi-scale needs an even patch grid; input size {img_size} '
+                                 f'with patch size {patch_size} gives {grid}')
+            if depth <= MULTI_SCALE_BLOCKS or any(loc < MULTI_SCALE_BLOCKS for loc in drop_loc):
+                raise ValueError(f'multi-scale needs depth > {MULTI_SCALE_BLOCKS} and drop_loc >= '
+                                 f'{MULTI_SCALE_BLOCKS}; got depth {depth}, drop_loc {tuple(drop_loc)}')
+        return grid
+
+    def _init_weights(self):
+        pos_embeds = self.pos_embed_list if self.multi_scale else [self.pos_embed]
+        for param in [*pos_embeds, self.cls_token]:
+            trunc_normal_(param, std=.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Parameter names excluded from weight decay (biases and norms are 1-d, excluded anyway)."""
+        if self.multi_scale:
+            return {'cls_token', 'pos_embed_list.0', 'pos_embed_list.1'}
+        return {'cls_token', 'pos_embed'}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int):
+        """Replaces the head by a freshly initialised one for ``num_classes`` classes."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=.02)
+            nn.init.zeros_(self.head.bias)
+
+    def _embed(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + N, C): patch tokens behind the class token, plus positions."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + pos_embed)
+
+    def _multi_scale_front(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs the first blocks on both scales and fuses them. (B, 3, H, W) -> (B, 1 + N, C)."""
+        low_res = F.interpolate(x, size=(x.shape[2] // POOL, x.shape[3] // POOL),
+                                mode='bilinear', align_corners=True)
+        x_low = self._embed(low_res, self.pos_embed_list[0])
+        x_high = self._embed(x, self.pos_embed_list[1])
+        for index, block in enumerate(self.blocks[:MULTI_SCALE_BLOCKS]):
+            x_low = block(x_low)[0]
+            x_high = block(x_high)[0] if index == 0 else block.forward_pooled(x_high, self.grid)
+        return self.up(x_high, x_low, self.grid)
+
+    def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None
+                         ) -> Tuple[torch.Tensor, List[Reduction]]:
+        """Args: x (B, 3, H, W); keep_rate / tokens as in ``forward``.
+        Returns the normalised tokens (B, K + 1, C) and the reductions made, in block order."""
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f'input size {tuple(x.shape[2:])} differs from the model\'s '
+                             f'{self.img_size}')
+        depth = len(self.blocks)
+        keep_rates = _per_block(keep_rate, depth, 'keep_rate')
+        token_counts = _per_block(tokens, depth, 'tokens')
+        first = 0
+        if self.multi_scale:
+            first = MULTI_SCALE_BLOCKS
+            if not isinstance(tokens, int) and any(t is not None for t in token_counts[:first]):
+                raise ValueError(f'tokens cannot be set for the first {first} blocks: they run on '
+                                 f'both scales and never reduce')
+            x = self._multi_scale_front(x)
+        else:
+            x = self._embed(x, self.pos_embed)
+        reductions = []
+        for block, rate, count in zip(self.blocks[first:], keep_rates[first:], token_counts[first:]):
+            x, reduction = block(x, keep_rate=rate, tokens=count)
+            if reduction is not None:
+                reductions.append(reduction)
+        return self.norm(x), reductions
+
+    def forward(self, x: torch.Tensor,
+                keep_rate: Optional[Union[float, Sequence[float]]] = None,
+                tokens: Optional[Union[int, Sequence[Optional[int]]]] = None,
+                get_idx: bool = False):
+        """Classifies images.
+
+        Args:
+            x: (B, 3, H, W) at the model's ``img_size``.
+            keep_rate: rate in force at every reducing block (a float) or per block (a sequence
+                of ``depth`` floats); None uses the configured rates. 1 means no reduction.
+            tokens: patch tokens to keep, for every block (an int) or per block (a sequence with
+                None where not given); overrides the rates where given.
+            get_idx: also return the reductions made, for visualisation.
+        Returns:
+            logits (B, num_classes); with ``get_idx`` also a list with one
+            ``(kept_index (B, K), assignment (B, N_in - 1))`` per reduction, in block order.
+        """
+        x, reductions = self.forward_features(x, keep_rate=keep_rate, tokens=tokens)
+        logits = self.head(x[:, 0])
+        return (logits, reductions) if get_idx else logits
+
+
+MTVIT_PRESETS = {
+    'deit_tiny_patch16_shrink_base': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    'deit_small_patch16_shrink_base': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    'deit_base_patch16_shrink_base': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+MTVIT_MODELS = tuple(MTVIT_PRESETS)
+
+# Keyword arguments timm's create_model passes to every entry point; MTViT has no hub weights.
+_TIMM_FACTORY_KWARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+
+
+def _create_mtvit(name: str, pretrained: bool, kwargs: dict) -> MTViT:
+    """Builds a preset, any keyword argument overriding it (tests build tiny models this way)."""
+    if pretrained:
+        raise ValueError(f'{name} has no downloadable weights; use --finetune with a checkpoint')
+    for key in _TIMM_FACTORY_KWARGS:
+        kwargs.pop(key, None)
+    return MTViT(**{**MTVIT_PRESETS[name], **kwargs})
+
+
+@register_model
+def deit_tiny_patch16_shrink_base(pretrained: bool = False, **kwargs) -> MTViT:
+    """MTViT-T: DeiT-Tiny (192 wide, 3 heads) with token mergence."""
+    return _create_mtvit('deit_tiny_patch16_shrink_base', pretrained, kwargs)
+
+
+@register_model
+def deit_small_patch16_shrink_base(pretrained: bool = False, **kwargs) -> MTViT:
+    """MTViT-S: DeiT-Small (384 wide, 6 heads) with token mergence."""
+    return _create_mtvit('deit_small_patch16_shrink_base', pretrained, kwargs)
+
+
+@register_model
+def deit_base_patch16_shrink_base(pretrained: bool = False, **kwargs) -> MTViT:
+    """MTViT-B: DeiT-Base (768 wide, 12 heads) with token mergence."""
+    return _create_mtvit('deit_base_patch16_shrink_base', pretrained, kwargs)
