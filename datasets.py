@@ -157,21 +157,19 @@ def read_image_file(path):
         with open(path, 'rb') as handle:
             return decode_image(handle, name=path)
     except OSError as exc:
-        raise DatasetError(f'cannot decode image {path}: {type(exc).__name__}: {exc}') from exc
+        raise DatasetError(f'cannot decode image {path}: {type(exc).__name__}: {exc.strerror or exc}') from exc
 
 
 class BadImagePolicy:
     """Mixin shared by every dataset that decodes image files.
 
     Subclasses implement ``_load_raw(index) -> (PIL image, target)``, raising ``DatasetError`` for
-    an unreadable image, and set ``transform``/``target_transform`` and ``skip_bad_images``.
+    an unreadable image, and set ``root``, ``transform``, ``target_transform``, ``skip_bad_images``.
     With skipping off, the error propagates. With skipping on, the sample is replaced by the next
     readable one (wrapping around), a warning naming the file is printed once, and the index is
     remembered so it is not decoded again. ``bad_images`` counts distinct bad samples met by this
     process (each DataLoader worker keeps its own count).
     """
-
-    skip_bad_images = False
 
     def _reset_bad_images(self):
         self.bad_images = 0
@@ -179,6 +177,9 @@ class BadImagePolicy:
 
     def __getitem__(self, index):
         num_samples = len(self)
+        if not -num_samples <= index < num_samples:
+            # Plain iteration over a Dataset stops on IndexError; wrapping around here would never end.
+            raise IndexError(f'index {index} out of range for {num_samples} samples')
         for offset in range(num_samples):
             candidate = (index + offset) % num_samples
             if candidate in self._bad_indices:
@@ -197,10 +198,8 @@ class BadImagePolicy:
             if self.target_transform is not None:
                 target = self.target_transform(target)
             return image, target
-        raise DatasetError(f'no readable image left in {self._source_name()}: all {num_samples} samples failed to decode')
-
-    def _source_name(self):
-        return getattr(self, 'root', type(self).__name__)
+        raise DatasetError(f'no readable image left in {self.root}: '
+                           f'all {num_samples} samples failed to decode')
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +264,8 @@ def _check_same_classes(val_classes, train_classes, val_name, train_name):
     if list(val_classes) != list(train_classes):
         missing = sorted(set(train_classes) ^ set(val_classes))
         raise DatasetError(f'classes of {val_name} differ from those of {train_name} '
-                           f'(in one but not the other: {_names_for_message(missing)}); both splits need the same class list')
+                           f'(in one but not the other: {_names_for_message(missing)}); '
+                           f'both splits need the same class list')
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +297,8 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
     def __init__(self, root, train=True, year=2018, category='name', transform=None,
                  target_transform=None, skip_bad_images=False):
         if category not in INAT_CATEGORIES:
-            raise DatasetError(f'unknown iNaturalist category level {category!r}; choose one of {", ".join(INAT_CATEGORIES)}')
+            raise DatasetError(f'unknown iNaturalist category level {category!r}; '
+                               f'choose one of {", ".join(INAT_CATEGORIES)}')
         layout = (f'<data-path>/train{year}.json, <data-path>/val{year}.json, '
                   f'<data-path>/categories.json and the image folders they name')
         if not os.path.isdir(root):
@@ -332,10 +333,12 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
         for image in self._records(split_data, 'images', split_path):
             annotation = category_of_image.get(image.get('id'))
             if annotation is None or 'file_name' not in image:
-                raise DatasetError(f'image record {image.get("id")!r} in {split_path} lacks a file_name or an annotation')
+                raise DatasetError(f'image record {image.get("id")!r} in {split_path} '
+                                   f'lacks a file_name or an annotation')
             value = self._level(level_of, annotation, split_path)
             if value not in class_to_idx:
-                raise DatasetError(f'{category} {value!r} of image {image["file_name"]} in {split_path} never occurs in {train_path}')
+                raise DatasetError(f'{category} {value!r} of image {image["file_name"]} in {split_path} '
+                                   f'never occurs in {train_path}')
             self.samples.append((image['file_name'], class_to_idx[value]))
         if not self.samples:
             raise DatasetError(f'no images listed in {split_path}; expected {layout}')
@@ -345,7 +348,7 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
     @staticmethod
     def _records(data, key, path):
         records = data.get(key) if isinstance(data, dict) else None
-        if not isinstance(records, list):
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
             raise DatasetError(f'{path} has no "{key}" list; expected COCO-style iNaturalist json')
         return records
 
@@ -376,11 +379,11 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
         deit_style = self._deit_path(first_name)
         if os.path.isfile(official):
             resolve = self._official_path
-        elif deit_style is not None and os.path.isfile(deit_style):
+        elif deit_style != official and os.path.isfile(deit_style):
             resolve = self._deit_path
         else:
-            raise DatasetError(f'image {first_name} not found at {official}'
-                               f'{"" if deit_style is None else " nor at " + deit_style}; expected {layout}')
+            tried = official if deit_style == official else f'{official} nor at {deit_style}'
+            raise DatasetError(f'image {first_name} not found at {tried}; expected {layout}')
         self.samples = [(resolve(name), target) for name, target in self.samples]
 
     def _official_path(self, file_name):
@@ -389,7 +392,7 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
     def _deit_path(self, file_name):
         parts = file_name.split('/')
         if len(parts) != 4:
-            return None
+            return self._official_path(file_name)
         top_folder, _, category_id, image_name = parts
         return os.path.join(self.root, top_folder, category_id, image_name)
 
@@ -505,24 +508,29 @@ def _pack_split(split_dir, dst_path, rows_per_batch, progress):
 
     # Written under a temporary name and renamed at the end, so an interrupted pack never
     # leaves a truncated file that looks complete.
-    with pa.OSFile(partial_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
-        for count, (path, label) in enumerate(folder.samples, start=1):
-            try:
-                with open(path, 'rb') as handle:
-                    encoded = handle.read()
-            except OSError as exc:
-                raise DatasetError(f'cannot read image {path}: {exc}') from exc
-            columns['image'].append(encoded)
-            columns['label'].append(label)
-            columns['path'].append(os.path.relpath(path, split_dir))
-            pending_bytes += len(encoded)
-            if len(columns['label']) >= rows_per_batch or pending_bytes >= MAX_BATCH_BYTES:
+    try:
+        with pa.OSFile(partial_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
+            for count, (path, label) in enumerate(folder.samples, start=1):
+                try:
+                    with open(path, 'rb') as handle:
+                        encoded = handle.read()
+                except OSError as exc:
+                    raise DatasetError(f'cannot read image {path}: {exc.strerror or exc}') from exc
+                columns['image'].append(encoded)
+                columns['label'].append(label)
+                columns['path'].append(os.path.relpath(path, split_dir))
+                pending_bytes += len(encoded)
+                if len(columns['label']) >= rows_per_batch or pending_bytes >= MAX_BATCH_BYTES:
+                    flush(writer)
+                    pending_bytes = 0
+                if progress is not None and count % PACK_PROGRESS_EVERY == 0:
+                    progress(f'{split_dir}: packed {count}/{len(folder.samples)} images')
+            if columns['label']:
                 flush(writer)
-                pending_bytes = 0
-            if progress is not None and count % PACK_PROGRESS_EVERY == 0:
-                progress(f'{split_dir}: packed {count}/{len(folder.samples)} images')
-        if columns['label']:
-            flush(writer)
+    except BaseException:
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
+        raise
     os.replace(partial_path, dst_path)
     return len(folder.samples)
 
@@ -564,7 +572,8 @@ class ArrowImageDataset(BadImagePolicy, torch.utils.data.Dataset):
         reader = self._open_reader()
         metadata = reader.schema.metadata or {}
         if metadata.get(ARROW_FORMAT_KEY) != ARROW_FORMAT_VERSION or ARROW_CLASSES_KEY not in metadata:
-            raise DatasetError(f'{path} is not a packed image dataset; expected a file written by `python datasets.py pack`')
+            raise DatasetError(f'{path} is not a packed image dataset; '
+                               f'expected a file written by `python datasets.py pack`')
         self.classes = json.loads(metadata[ARROW_CLASSES_KEY].decode('utf-8'))
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         batch_lengths = [reader.get_batch(index).num_rows for index in range(reader.num_record_batches)]
@@ -597,8 +606,8 @@ class ArrowImageDataset(BadImagePolicy, torch.utils.data.Dataset):
         batch_number = bisect.bisect_right(self._batch_starts, index) - 1
         batch = self._batches[batch_number]
         row = index - self._batch_starts[batch_number]
-        encoded = batch.column(0)[row].as_buffer()
-        name = f'{self.root} row {index} ({batch.column(2)[row].as_py()})'
+        encoded = batch.column('image')[row].as_buffer()
+        name = f'{self.root} row {index} ({batch.column("path")[row].as_py()})'
         return decode_image(io.BytesIO(encoded), name=name), self.targets[index]
 
 

@@ -422,6 +422,58 @@ class MTViT(nn.Module):
         return (logits, reductions) if get_idx else logits
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a square grid of position embeddings behind one class-token entry
+    (as DeiT finetunes at a new resolution). (1, 1 + g * g, C) -> (1, 1 + gh * gw, C)."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    side = math.isqrt(patch_pos.shape[1])
+    if side * side != patch_pos.shape[1]:
+        raise ValueError(f'position embedding of {patch_pos.shape[1]} patches is not a square grid')
+    if (side, side) == tuple(grid):
+        return pos_embed
+    dim = patch_pos.shape[2]
+    patch_map = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch_map = F.interpolate(patch_map.float(), size=grid, mode='bicubic', align_corners=False)
+    patch_pos = patch_map.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
+    return torch.cat([cls_pos, patch_pos.to(pos_embed.dtype)], dim=1)
+
+
+def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str]]:
+    """Maps a DeiT/timm or MTViT state dict onto ``model`` for finetuning.
+
+    Position embeddings are resampled to the model's grid; a single-scale ``pos_embed`` gives
+    both ``pos_embed_list`` entries of a multi-scale model (and ``pos_embed_list.1`` gives the
+    ``pos_embed`` of a single-scale one); a classifier head of another class count is dropped.
+    Returns the adapted state dict and notes on what was changed.
+    """
+    target = model.state_dict()
+    adapted = dict(state_dict)
+    notes = []
+    source_pos = adapted.pop('pos_embed', None)
+    if source_pos is None:
+        source_pos = adapted.get('pos_embed_list.1')
+    targets = [key for key in ('pos_embed', 'pos_embed_list.0', 'pos_embed_list.1') if key in target]
+    for key in targets:
+        source = adapted.get(key, source_pos) if key != 'pos_embed' else source_pos
+        if source is None:
+            continue
+        full_grid = tuple(model.patch_embed.grid_size)
+        grid = (full_grid if key != 'pos_embed_list.0'
+                else (full_grid[0] // POOL, full_grid[1] // POOL))
+        adapted[key] = resample_pos_embed(source, grid)
+        if adapted[key] is not source:
+            notes.append(f'{key}: resampled {tuple(source.shape)} -> {tuple(adapted[key].shape)}')
+    for key in list(adapted):
+        if key.startswith('pos_embed') and key not in target:
+            del adapted[key]
+    for key in ('head.weight', 'head.bias'):
+        if key in adapted and key in target and adapted[key].shape != target[key].shape:
+            notes.append(f'{key}: dropped, shape {tuple(adapted[key].shape)} differs from the '
+                         f"model's {tuple(target[key].shape)}")
+            del adapted[key]
+    return adapted, notes
+
+
 MTVIT_PRESETS = {
     'deit_tiny_patch16_shrink_base': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     'deit_small_patch16_shrink_base': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),

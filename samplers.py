@@ -66,3 +66,22 @@ class RASampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.num_samples
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation shard of one process: indices ``rank, rank + num_replicas, ...`` in order.
+
+    Unlike ``DistributedSampler`` it pads nothing, so the shards are disjoint and together hold
+    every sample exactly once; sums over the processes then equal a single-process evaluation.
+    """
+
+    def __init__(self, dataset_len, num_replicas, rank):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f'rank must be in [0, {num_replicas - 1}], got {rank}')
+        self.indices = range(rank, dataset_len, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)

@@ -209,6 +209,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def all_gather_object(obj: Any) -> list:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not is_dist_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average a tensor over all processes (a copy of the input without a process group).
 

@@ -377,7 +377,8 @@ def test_inat_levels_give_shared_class_indices(tmp_path, data_set, year, deit_la
                                                   transform=None, inat_category='name')
     assert num_classes == val_classes == 4
     assert train_set.classes == ['Passer domesticus', 'Quercus robur', 'Passer montanus', 'Quercus alba']
-    name_index = {category_id: train_set.classes.index(INAT_CATEGORIES[category_id]['name']) for category_id in range(4)}
+    name_index = {category_id: train_set.classes.index(INAT_CATEGORIES[category_id]['name'])
+                  for category_id in range(4)}
     assert train_set.targets == [name_index[category] for _, category in INAT_SPLITS['train']]
     assert val_set.targets == [name_index[category] for _, category in INAT_SPLITS['val']] == [3, 2, 1]
 
@@ -406,6 +407,12 @@ def test_inat_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError) as excinfo:
         datasets.build_dataset(is_train=True, data_set='INAT19', data_path=str(root), transform=None)
     assert str(root / 'train2019.json') in str(excinfo.value)
+
+    val_json = json.loads((root / 'val2018.json').read_text())
+    val_json['annotations'][0]['category_id'] = 7
+    (root / 'val2018.json').write_text(json.dumps(val_json))
+    with pytest.raises(DatasetError, match='category_id 7'):
+        datasets.build_dataset(is_train=False, data_set='INAT', data_path=str(root), transform=None)
 
     (root / 'train_val2018' / 'Plantae' / '1' / '14.png').unlink()
     inat, _ = datasets.build_dataset(is_train=True, data_set='INAT', data_path=str(root), transform=None)
@@ -445,6 +452,9 @@ def test_skip_bad_images_substitutes_next_readable_and_counts(tmp_path, capsys):
     assert dataset.bad_images == 2
     np.testing.assert_array_equal(pixels(dataset[2][0]), good_c)
     assert dataset.bad_images == 2
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+    assert [label for _, label in dataset] == [0, 0, 0, 0]
 
     warnings = capsys.readouterr().err
     assert warnings.count('b.jpg') == 1 and warnings.count('d.jpg') == 1
@@ -580,3 +590,13 @@ def test_cli_export_digits_in_process(tmp_path, capsys):
     assert len(ImageFolder(str(tmp_path / 'digits' / 'val'))) == DIGITS_VAL_SIZE
     assert datasets.main(['export-digits', '--dst', str(tmp_path / 'digits')]) == 2
     assert capsys.readouterr().err.startswith('error: refusing')
+
+
+def test_pack_unreadable_file_leaves_no_partial_output(tmp_path):
+    source = write_mixed_tree(tmp_path / 'tree')
+    dangling = source / 'train' / 'dog' / 'zz_missing.jpg'
+    dangling.symlink_to(tmp_path / 'nothing-here.jpg')
+    with pytest.raises(DatasetError) as excinfo:
+        datasets.pack_imagefolder(str(source), str(tmp_path / 'packed'))
+    assert str(dangling) in str(excinfo.value)
+    assert os.listdir(tmp_path / 'packed') == []

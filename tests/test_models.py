@@ -373,7 +373,7 @@ def test_defaults_and_keep_rates():
     assert not model.multi_scale
     assert list(model.keep_rates) == [1, 1, 1, 0.7, 1, 1, 0.7, 1, 1, 0.7, 1, 1]
     model = timm.create_model('deit_tiny_patch16_shrink_base', pretrained=False,
-                              base_keep_rate=0.5, drop_loc=(0, 2), depth=4, num_classes=3)
+                              base_keep_rate=0.5, drop_loc=[0, 2], depth=4, num_classes=3)
     assert list(model.keep_rates) == [0.5, 1, 0.5, 1]
     assert model.head.weight.shape[0] == 3
     direct = models_mtvit.MTViT(embed_dim=32, depth=4, num_heads=2, base_keep_rate=0.6,
@@ -591,6 +591,8 @@ OVERRIDE_CASES = [
     ([0.5, 0.5, 0.6, 0.5, 0.9, 0.5], None, [(39, 64), (36, 39)]),
     ([0.5, 0.5, 1.0, 0.5, 0.9, 0.5], None, [(58, 64)]),
     (1.0, None, []),
+    (1, None, []),
+    ((0.5,) * 6, None, [(32, 64), (16, 32)]),
     (None, 20, [(20, 64)]),
     (0.5, 20, [(20, 64)]),
     (None, [None, 40, None, None, 10, None], [(40, 64), (28, 40), (10, 28)]),
@@ -888,3 +890,35 @@ def test_flops(name, kwargs, expected):
         flops = count_flops(model, 224)
     assert isinstance(flops, float)
     assert abs(flops - expected) / expected < 0.01, f'{name} {kwargs}: {flops / 1e9:.3f} GFLOPs'
+
+
+# ---------------------------------------------------------------------------------------------
+# DeiT checkpoint -> multi-scale MTViT (SPEC 1.4); only if the model module offers the mapping
+# ---------------------------------------------------------------------------------------------
+
+def test_deit_state_dict_maps_onto_multi_scale():
+    adapt = getattr(models_mtvit, 'adapt_state_dict', None)
+    if adapt is None:
+        pytest.skip('models_mtvit.adapt_state_dict does not exist')
+    torch.manual_seed(0)
+    deit = timm.create_model('deit_tiny_patch16_224', pretrained=False, img_size=128, depth=4,
+                             embed_dim=32, num_heads=2, num_classes=5)
+    model = timm.create_model('deit_tiny_patch16_shrink_base', pretrained=False, img_size=128,
+                              depth=4, embed_dim=32, num_heads=2, num_classes=5,
+                              multi_scale=True, drop_loc=(3,))
+    source = deit.state_dict()
+    adapted, _ = adapt(dict(source), model)
+    result = model.load_state_dict(adapted, strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(
+        f'{m}.{p}' for m in ('up.peg', 'up.lka.conv0', 'up.lka.conv_spatial', 'up.lka.conv1')
+        for p in ('weight', 'bias'))
+    pos = source['pos_embed']  # (1, 1 + 8 * 8, 32)
+    torch.testing.assert_close(model.pos_embed_list[1].detach(), pos)
+    grid = pos[:, 1:].reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+    low = F.interpolate(grid, size=(4, 4), mode='bicubic', align_corners=False)
+    expected_low = torch.cat([pos[:, :1], low.permute(0, 2, 3, 1).reshape(1, 16, 32)], dim=1)
+    torch.testing.assert_close(model.pos_embed_list[0].detach(), expected_low)
+    for key, value in source.items():
+        if not key.startswith('pos_embed'):
+            assert torch.equal(model.state_dict()[key], value), key

@@ -1,0 +1,146 @@
+"""Training and evaluation loops, and the keep-rate schedule (SPEC 2)."""
+import math
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from utils import MetricLogger, SmoothedValue, all_reduce_sum, check_finite
+
+LOG_EVERY = 10
+"""Iterations between progress lines and tensorboard points."""
+
+
+def keep_rate_at(iteration: int, iters_per_epoch: int, base_keep_rate: float,
+                 shrink_start_epoch: int, shrink_epochs: int) -> float:
+    """Keep rate in force at global training ``iteration`` (counted from epoch 0).
+
+    1 before ``shrink_start_epoch``, ``base_keep_rate`` from ``shrink_start_epoch +
+    shrink_epochs`` on, and a half-cosine from 1 down to ``base_keep_rate`` in between.
+    """
+    epoch = iteration // iters_per_epoch
+    if epoch < shrink_start_epoch:
+        return 1.
+    if epoch >= shrink_start_epoch + shrink_epochs:
+        return base_keep_rate
+    progress = (iteration - iters_per_epoch * shrink_start_epoch) / (iters_per_epoch * shrink_epochs)
+    return base_keep_rate + (1 - base_keep_rate) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def _keep_rate_kwargs(keep_rate: Optional[float]) -> dict:
+    # Plain timm models (the DeiT baselines) take no keep_rate argument.
+    return {} if keep_rate is None else {'keep_rate': keep_rate}
+
+
+def train_one_epoch(
+        model: nn.Module,
+        criterion: nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        epoch: int,
+        loss_scaler: torch.amp.GradScaler,
+        use_amp: bool = False,
+        clip_grad: Optional[float] = None,
+        model_ema=None,
+        mixup_fn: Optional[Callable] = None,
+        keep_rate_schedule: Optional[Callable[[int], float]] = None,
+        set_training_mode: bool = True,
+        writer=None,
+        print_freq: int = LOG_EVERY,
+) -> Dict[str, float]:
+    """Trains one epoch.
+
+    Args:
+        keep_rate_schedule: global iteration -> keep rate passed to the model at that step;
+            None for models without token reduction.
+        set_training_mode: False keeps the model in eval mode (finetuning, as the release does).
+        writer: a tensorboardX SummaryWriter (main process only) or None.
+    Returns:
+        global averages of the meters (loss, lr, keep_rate) over all processes.
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite.
+    """
+    model.train(set_training_mode)
+    metric_logger = MetricLogger(device=device)
+    metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    iters_per_epoch = len(data_loader)
+    header = f'Epoch: [{epoch}]'
+    for step, (samples, targets) in enumerate(
+            metric_logger.log_every(data_loader, print_freq, header)):
+        iteration = epoch * iters_per_epoch + step
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        keep_rate = keep_rate_schedule(iteration) if keep_rate_schedule else None
+
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            outputs = model(samples, **_keep_rate_kwargs(keep_rate))
+            loss = criterion(samples, outputs, targets)
+        loss_value = loss.item()
+        check_finite(loss_value, epoch, step)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss_scaler.scale(loss).backward()
+        if clip_grad is not None:
+            loss_scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        loss_scaler.step(optimizer)
+        loss_scaler.update()
+        if model_ema is not None:
+            model_ema.update(model)
+
+        lr = optimizer.param_groups[0]['lr']
+        metric_logger.update(loss=loss_value, lr=lr)
+        if keep_rate is not None:
+            metric_logger.update(keep_rate=keep_rate)
+        if writer is not None and step % print_freq == 0:
+            writer.add_scalar('loss', loss_value, iteration)
+            writer.add_scalar('lr', lr, iteration)
+            if keep_rate is not None:
+                writer.add_scalar('keep_rate', keep_rate, iteration)
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger)
+    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    if keep_rate is not None:
+        stats['keep_rate'] = keep_rate  # the rate reached at the end of the epoch
+    return stats
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
+             keep_rate: Optional[float] = None, use_amp: bool = False,
+             sharded: bool = False) -> Dict[str, float]:
+    """Top-1/top-5 accuracy (%) and cross-entropy of ``model`` on the loader's samples.
+
+    With ``sharded`` (each process holds a disjoint part of the data), correct counts and loss
+    sums are added up over the processes, so the result equals a single-process evaluation.
+    ``keep_rate`` None uses the model's configured rates.
+    """
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    model.eval()
+    metric_logger = MetricLogger(device=device)
+    # [samples, top-1 correct, top-5 correct, loss sum]
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, targets in metric_logger.log_every(data_loader, LOG_EVERY, 'Test:'):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            outputs = model(images, **_keep_rate_kwargs(keep_rate))
+        outputs = outputs.float()
+        top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+        hits = top5 == targets.unsqueeze(1)
+        batch = torch.stack([torch.tensor(float(len(targets)), device=device),
+                             hits[:, 0].sum(), hits.any(dim=1).sum(),
+                             criterion(outputs, targets)]).double()
+        totals += batch
+        metric_logger.update(loss=batch[3].item() / len(targets),
+                             acc1=100. * batch[1].item() / len(targets))
+    if sharded:
+        totals = all_reduce_sum(totals)
+    num_samples, correct1, correct5, loss_sum = totals.tolist()
+    stats = {'acc1': 100. * correct1 / num_samples, 'acc5': 100. * correct5 / num_samples,
+             'loss': loss_sum / num_samples, 'num_samples': int(num_samples)}
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
+    return stats

@@ -1,0 +1,596 @@
+"""MTViT training, finetuning, evaluation, speed/FLOPs measurement and visualisation.
+
+Single process (``python main.py ...``), ``torchrun --nproc_per_node=N main.py ...``, or the
+deprecated ``python -m torch.distributed.launch [--use_env] main.py ...``.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+
+import models_mtvit
+from datasets import DATA_SETS, DatasetError, build_dataset, build_transform
+from engine import evaluate, keep_rate_at, train_one_epoch
+from samplers import RASampler, ShardSampler
+from utils import (CheckpointError, NonFiniteLossError, cleanup, get_rng_state, init_distributed,
+                   is_main_process, load_checkpoint, save_checkpoint_atomic, seed_everything,
+                   set_rng_state, all_gather_object)
+
+CHECKPOINT_NAME = 'checkpoint.pth'
+DEFAULT_INPUT_SIZE = 224
+DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
+LR_REFERENCE_BATCH = 512
+EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
+BACKBONE_PREFIXES = ('patch_embed.', 'blocks.', 'cls_token', 'norm.')
+
+
+class UsageError(Exception):
+    """A command line that cannot work; the message names the flag and the problem."""
+
+
+def parse_drop_loc(text: str) -> tuple:
+    """'(3, 6, 9)', '3,6,9' or '[3 6 9]' -> (3, 6, 9); never evaluated as code."""
+    if not re.fullmatch(r'[\s()\[\],0-9]*', text) or not re.search(r'\d', text):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a list of block indices such as "(3, 6, 9)"')
+    return tuple(int(index) for index in re.findall(r'\d+', text))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('MTViT training and evaluation script', add_help=False)
+    parser.add_argument('-h', '--help', action='help', help='show this help message and exit')
+    parser.add_argument('--batch-size', default=64, type=int, help='per process')
+    parser.add_argument('--epochs', default=300, type=int)
+
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='deit_small_patch16_shrink_base', type=str,
+                       help=f'MTViT: {", ".join(models_mtvit.MTVIT_MODELS)}; or any timm model '
+                            f'(e.g. deit_small_patch16_224)')
+    group.add_argument('--input-size', default=None, type=int,
+                       help=f'images size (default {DEFAULT_INPUT_SIZE}, or the checkpoint\'s '
+                            f'with --resume)')
+    group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=0.1, help='drop path rate')
+    group.add_argument('--model-ema', action='store_true')
+    group.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    parser.set_defaults(model_ema=True)
+    group.add_argument('--model-ema-decay', type=float, default=0.99996)
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+
+    group = parser.add_argument_group('MTViT')
+    group.add_argument('--base_keep_rate', type=float, default=0.7,
+                       help='keep rate at the reducing blocks')
+    group.add_argument('--drop_loc', type=parse_drop_loc, default=(3, 6, 9),
+                       help='blocks that reduce tokens, e.g. "(3, 6, 9)"')
+    group.add_argument('--multi-scale', '--multi_scale', dest='multi_scale', action='store_true',
+                       default=None, help='multi-scale front end (default: off, or as the '
+                                          'checkpoint with --resume)')
+    group.add_argument('--shrink_start_epoch', default=10, type=int,
+                       help='epoch at which the keep rate starts to decrease from 1')
+    group.add_argument('--shrink_epochs', default=0, type=int,
+                       help='epochs over which it reaches --base_keep_rate (cosine)')
+    group.add_argument('--flops', action='store_true', help='print FLOPs per image (fvcore)')
+    group.add_argument('--test_speed', action='store_true', help='measure throughput first')
+    group.add_argument('--only_test_speed', action='store_true', help='measure, then exit')
+    group.add_argument('--speed-batch-size', type=int, default=None,
+                       help='throughput batch (default 32 on CPU, 64 on GPU)')
+    group.add_argument('--speed-iterations', type=int, default=None,
+                       help='timed batches per round (default 3 on CPU, 100 on GPU)')
+    group.add_argument('--visualize_mask', action='store_true',
+                       help='write merge-group pictures of validation images (with --resume)')
+    group.add_argument('--n_visualization', default=128, type=int)
+
+    group = parser.add_argument_group('optimizer')
+    group.add_argument('--opt', default='adamw', type=str)
+    group.add_argument('--opt-eps', default=1e-8, type=float)
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+')
+    group.add_argument('--clip-grad', type=float, default=None, help='max gradient norm')
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--weight-decay', type=float, default=0.05)
+
+    group = parser.add_argument_group('learning rate schedule')
+    group.add_argument('--sched', default='cosine', type=str)
+    group.add_argument('--lr', type=float, default=5e-4,
+                       help=f'for a total batch of {LR_REFERENCE_BATCH}; scaled linearly')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None)
+    group.add_argument('--lr-noise-pct', type=float, default=0.67)
+    group.add_argument('--lr-noise-std', type=float, default=1.0)
+    group.add_argument('--warmup-lr', type=float, default=1e-6)
+    group.add_argument('--min-lr', type=float, default=1e-5)
+    group.add_argument('--decay-epochs', type=float, default=30)
+    group.add_argument('--warmup-epochs', type=int, default=5)
+    group.add_argument('--cooldown-epochs', type=int, default=10)
+    group.add_argument('--patience-epochs', type=int, default=10)
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    group = parser.add_argument_group('augmentation')
+    group.add_argument('--color-jitter', type=float, default=0.4)
+    group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--train-interpolation', type=str, default='bicubic')
+    group.add_argument('--repeated-aug', action='store_true')
+    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    parser.set_defaults(repeated_aug=True)
+    group.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0),
+                       help='RandomResizedCrop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=(3. / 4., 4. / 3.),
+                       help='RandomResizedCrop aspect ratio range')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    group.add_argument('--reprob', type=float, default=0.25, help='random erase probability')
+    group.add_argument('--remode', type=str, default='pixel')
+    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--resplit', action='store_true', default=False)
+
+    group = parser.add_argument_group('mixup')
+    group.add_argument('--mixup', type=float, default=0.8)
+    group.add_argument('--cutmix', type=float, default=1.0)
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
+
+    group = parser.add_argument_group('distillation')
+    group.add_argument('--teacher-model', default='regnety_160', type=str)
+    group.add_argument('--teacher-path', type=str, default='')
+    group.add_argument('--distillation-type', default='none', choices=('none', 'soft', 'hard'))
+    group.add_argument('--distillation-alpha', default=0.5, type=float)
+    group.add_argument('--distillation-tau', default=1.0, type=float)
+
+    group = parser.add_argument_group('finetuning and data')
+    group.add_argument('--finetune', default='', help='finetune from checkpoint (.pth or .safetensors)')
+    group.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
+    group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str)
+    group.add_argument('--inat-category', default='name', type=str,
+                       choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family',
+                                'genus', 'name'))
+    group.add_argument('--skip-bad-images', action='store_true',
+                       help='skip (and count) unreadable images instead of stopping')
+
+    group = parser.add_argument_group('run')
+    group.add_argument('--output_dir', default='', help='where to save, empty for no saving')
+    group.add_argument('--device', default='cuda', help='cuda or cpu (cuda falls back to cpu)')
+    group.add_argument('--seed', default=0, type=int)
+    group.add_argument('--resume', default='', help='resume from checkpoint')
+    group.add_argument('--auto-resume', action='store_true',
+                       help=f'resume from output_dir/{CHECKPOINT_NAME} when it exists')
+    group.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    group.add_argument('--eval', action='store_true', help='evaluation only')
+    group.add_argument('--dist-eval', action='store_true', default=False,
+                       help='shard the evaluation over the processes')
+    group.add_argument('--num_workers', default=10, type=int)
+    group.add_argument('--pin-mem', action='store_true')
+    group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    group.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
+    group.add_argument('--world_size', default=1, type=int,
+                       help='number of distributed processes (set by the launcher)')
+    group.add_argument('--dist_url', default='env://')
+    group.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None,
+                       help='set by the deprecated torch.distributed.launch')
+    return parser
+
+
+def is_mtvit(model_name: str) -> bool:
+    return model_name in models_mtvit.MTVIT_MODELS
+
+
+def model_state_dict(checkpoint: dict, path: str) -> dict:
+    """The weights in a checkpoint: under 'model' (DeiT, MTViT), 'state_dict' (timm) or bare."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise CheckpointError(f'{path} holds no model weights (no "model" or "state_dict" entry)')
+    return checkpoint
+
+
+def check_args(args: argparse.Namespace):
+    """Rejects flag values that cannot work, naming the flag."""
+    import timm
+    if not timm.is_model(args.model):
+        raise UsageError(f'unknown --model {args.model!r}; MTViT models are '
+                         f'{", ".join(models_mtvit.MTVIT_MODELS)}, or give any timm model name')
+    if not 0 < args.base_keep_rate <= 1:
+        raise UsageError(f'--base_keep_rate {args.base_keep_rate} must be in (0, 1]')
+    if args.visualize_mask and not args.resume:
+        raise UsageError('--visualize_mask needs --resume with the checkpoint to visualise')
+    if args.visualize_mask and not is_mtvit(args.model):
+        raise UsageError(f'--visualize_mask needs an MTViT --model, not {args.model}')
+    if args.n_visualization < 1:
+        raise UsageError(f'--n_visualization {args.n_visualization} must be at least 1')
+    if args.input_size is not None and args.input_size < 1:
+        raise UsageError(f'--input-size {args.input_size} must be positive')
+    if args.shrink_epochs < 0 or args.shrink_start_epoch < 0:
+        raise UsageError('--shrink_start_epoch and --shrink_epochs must be >= 0')
+    if args.distillation_type != 'none' and not args.teacher_path:
+        raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
+                         f'(teacher weights cannot be downloaded)')
+    if args.finetune and args.resume:
+        raise UsageError('--finetune and --resume exclude each other: resume continues a run, '
+                         'finetune starts one from other weights')
+
+
+def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str):
+    """Takes the model's shape (multi-scale, input size) from the checkpoint where the command
+    line does not give it; a flag that contradicts the checkpoint is an error."""
+    patch_size = models_mtvit.MTVIT_PRESETS.get(args.model, {}).get('patch_size', 16)
+    if state_dict is not None and is_mtvit(args.model):
+        checkpoint_multi_scale = 'pos_embed_list.1' in state_dict
+        if args.multi_scale and not checkpoint_multi_scale:
+            raise UsageError(f'--multi-scale contradicts {path}, a single-scale checkpoint')
+        args.multi_scale = checkpoint_multi_scale
+    if state_dict is not None and args.input_size is None:
+        pos_embed = state_dict.get('pos_embed_list.1', state_dict.get('pos_embed'))
+        if pos_embed is not None:
+            args.input_size = int((pos_embed.shape[1] - 1) ** 0.5) * patch_size
+    args.multi_scale = bool(args.multi_scale)
+    if args.input_size is None:
+        args.input_size = DEFAULT_INPUT_SIZE
+
+
+def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The --model, with the MTViT keyword arguments only for MTViT models."""
+    import timm
+    kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                  img_size=args.input_size)
+    if is_mtvit(args.model):
+        kwargs.update(base_keep_rate=args.base_keep_rate, drop_loc=args.drop_loc,
+                      multi_scale=args.multi_scale)
+    elif args.multi_scale:
+        raise UsageError(f'--multi-scale needs an MTViT --model, not {args.model}')
+    try:
+        return timm.create_model(args.model, pretrained=False, **kwargs)
+    except ValueError as error:
+        raise UsageError(f'--model {args.model}: {error}') from None
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
+    """Loads a checkpoint of this very model (resume, eval), listing any mismatch."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(target))
+    wrong_shape = sorted(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
+                         for key in set(target) & set(state_dict)
+                         if state_dict[key].shape != target[key].shape)
+    if missing or unexpected or wrong_shape:
+        problems = '; '.join(f'{name}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
+                             for name, keys in (('missing', missing), ('unexpected', unexpected),
+                                                ('shape', wrong_shape)) if keys)
+        raise CheckpointError(f'{path} does not fit --model {type(model).__name__} '
+                              f'({problems})')
+    model.load_state_dict(state_dict, strict=True)
+
+
+def finetune_from(model: torch.nn.Module, path: str):
+    """Initialises ``model`` from a DeiT/timm or MTViT checkpoint (SPEC 6): resamples position
+    embeddings, drops a head of another class count; refuses when backbone weights are missing."""
+    state_dict = model_state_dict(load_checkpoint(path), path)
+    state_dict, notes = models_mtvit.adapt_state_dict(state_dict, model)
+    target = model.state_dict()
+    wrong_shape = [key for key in set(target) & set(state_dict)
+                   if state_dict[key].shape != target[key].shape]
+    if wrong_shape:
+        raise CheckpointError(f'{path} does not fit the model: shapes differ for '
+                              f'{", ".join(sorted(wrong_shape))}')
+    result = model.load_state_dict(state_dict, strict=False)
+    for note in notes:
+        print(f'finetune: {note}')
+    print(f'finetune from {path}: missing keys {result.missing_keys}, '
+          f'unexpected keys {result.unexpected_keys}')
+    missing_backbone = [key for key in result.missing_keys if key.startswith(BACKBONE_PREFIXES)]
+    if missing_backbone:
+        raise CheckpointError(f'{path} lacks backbone weights {", ".join(missing_backbone[:8])}'
+                              f'{" ..." if len(missing_backbone) > 8 else ""}: refusing to '
+                              f'finetune from it')
+
+
+def report_flops(model: torch.nn.Module, input_size: int, device: torch.device):
+    """Prints FLOPs per image (fvcore, the paper's convention) and torchprofile's MACs."""
+    from speed_test import count_flops, count_macs
+    flops = count_flops(model, input_size, device)
+    macs = count_macs(model, input_size, device)
+    print(f'FLOPs: {flops / 1e9:.3f} G per image at {input_size}x{input_size} (fvcore); '
+          f'torchprofile: {macs / 1e9:.3f} G MACs')
+
+
+def report_speed(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+                 n_parameters: int):
+    """Measures inference throughput and appends it to output_dir/speed_macs.txt."""
+    from speed_test import CPU_DEFAULTS, GPU_DEFAULTS, measure_throughput
+    defaults = CPU_DEFAULTS if device.type == 'cpu' else GPU_DEFAULTS
+    batch_size = args.speed_batch_size or defaults['batch_size']
+    iterations = args.speed_iterations or defaults['iterations']
+    runs = measure_throughput(model, args.input_size, device, batch_size=batch_size,
+                              iterations=iterations, warmup=defaults['warmup'],
+                              repeats=defaults['repeats'])
+    line = (f'{args.model} multi_scale={args.multi_scale} base_keep_rate={args.base_keep_rate} '
+            f'input {args.input_size} batch {batch_size} on {device}: '
+            f'{max(runs):.1f} images/s (best of {", ".join(f"{run:.1f}" for run in runs)}); '
+            f'{n_parameters / 1e6:.2f} M parameters')
+    print(f'throughput: {line}')
+    if args.output_dir and is_main_process():
+        with open(os.path.join(args.output_dir, 'speed_macs.txt'), 'a') as handle:
+            handle.write(line + '\n')
+
+
+def build_loaders(args: argparse.Namespace, dist_state, train: bool):
+    """Data loaders of the splits this run needs; returns (train_loader or None, val_loader,
+    num_classes)."""
+    transform_args = dict(input_size=args.input_size, color_jitter=args.color_jitter,
+                          auto_augment=args.aa, interpolation=args.train_interpolation,
+                          re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                          scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+                          vflip=args.vflip)
+    dataset_args = dict(data_set=args.data_set, data_path=args.data_path,
+                        inat_category=args.inat_category, skip_bad_images=args.skip_bad_images)
+    dataset_val, num_classes = build_dataset(
+        False, transform=build_transform(False, **transform_args), **dataset_args)
+    loader_args = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and dist_state.device.type == 'cuda')
+    world_size, rank = dist_state.world_size, dist_state.rank
+    if args.dist_eval and dist_state.distributed:
+        val_sampler = ShardSampler(len(dataset_val), num_replicas=world_size, rank=rank)
+    else:
+        val_sampler = torch.utils.data.SequentialSampler(dataset_val)
+    val_loader = torch.utils.data.DataLoader(
+        dataset_val, sampler=val_sampler, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
+        drop_last=False, **loader_args)
+    if not train:
+        return None, val_loader, num_classes
+    dataset_train, _ = build_dataset(
+        True, transform=build_transform(True, **transform_args), **dataset_args)
+    if dist_state.distributed and args.repeated_aug:
+        train_sampler = RASampler(len(dataset_train), num_replicas=world_size, rank=rank,
+                                  shuffle=True, seed=args.seed)
+    elif dist_state.distributed:
+        train_sampler = torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    else:
+        train_sampler = torch.utils.data.RandomSampler(dataset_train)
+    if len(train_sampler) < args.batch_size:
+        raise UsageError(f'--batch-size {args.batch_size} exceeds the {len(train_sampler)} '
+                         f'training images each process sees: no full batch')
+    train_loader = torch.utils.data.DataLoader(
+        dataset_train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
+        **loader_args)
+    return train_loader, val_loader, num_classes
+
+
+def build_criterion(args: argparse.Namespace, num_classes: int, device: torch.device):
+    """Mixup/CutMix (or None) and the loss, with distillation when asked."""
+    import timm
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from losses import DistillationLoss
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                         cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+    if mixup_fn is not None:
+        base_criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        base_criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        base_criterion = torch.nn.CrossEntropyLoss()
+    teacher = None
+    if args.distillation_type != 'none':
+        teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes,
+                                    global_pool='avg')
+        teacher_state = model_state_dict(load_checkpoint(args.teacher_path), args.teacher_path)
+        load_weights(teacher, teacher_state, args.teacher_path)
+        teacher.to(device).eval()
+    criterion = DistillationLoss(base_criterion, teacher, args.distillation_type,
+                                 args.distillation_alpha, args.distillation_tau)
+    return mixup_fn, criterion
+
+
+def save_checkpoint(path: str, model, optimizer, lr_scheduler, loss_scaler, model_ema,
+                    epoch: int, args: argparse.Namespace):
+    """Writes the run's whole state, with every process's random-number state (for an exact
+    resume), atomically by the main process."""
+    rng_states = all_gather_object(get_rng_state())
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+             'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch,
+             'scaler': loss_scaler.state_dict(), 'args': vars(args).copy(),
+             'rng_states': rng_states}
+    if model_ema is not None:
+        state['model_ema'] = model_ema.module.state_dict()
+    non_finite = [name for name, tensor in state['model'].items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if non_finite:
+        raise NonFiniteLossError(f'weights became non-finite at epoch {epoch} '
+                                 f'({", ".join(non_finite[:4])}); not saving, {path} is kept')
+    save_checkpoint_atomic(state, path)
+
+
+def main(args: argparse.Namespace):
+    """Runs what the flags ask for; returns the last evaluation's stats (or None)."""
+    check_args(args)
+    dist_state = init_distributed(args.device, args.dist_url, args.local_rank)
+    try:
+        return run(args, dist_state)
+    finally:
+        cleanup()
+
+
+def run(args: argparse.Namespace, dist_state):
+    device = dist_state.device
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    checkpoint_path = checkpoint_path_of(args)
+    if args.auto_resume and not args.resume and checkpoint_path and os.path.exists(checkpoint_path):
+        args.resume = checkpoint_path
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    resumed_weights = model_state_dict(checkpoint, args.resume) if checkpoint else None
+    reconcile_with_checkpoint(args, resumed_weights, args.resume)
+    print(json.dumps(vars(args), default=str))
+    seed_everything(args.seed, dist_state.rank)
+
+    train = not (args.eval or args.visualize_mask or args.only_test_speed)
+    train_loader = val_loader = None
+    if args.only_test_speed:
+        num_classes = (resumed_weights['head.weight'].shape[0]
+                       if resumed_weights and 'head.weight' in resumed_weights
+                       else DEFAULT_NUM_CLASSES)
+    else:
+        train_loader, val_loader, num_classes = build_loaders(args, dist_state, train)
+
+    model = create_model(args, num_classes)
+    if args.finetune:
+        finetune_from(model, args.finetune)
+    if resumed_weights is not None:
+        load_weights(model, resumed_weights, args.resume)
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters')
+
+    if args.flops:
+        report_flops(model, args.input_size, device)
+    if args.test_speed or args.only_test_speed:
+        report_speed(model, args, device, n_parameters)
+    if args.only_test_speed:
+        return None
+    use_amp = device.type == 'cuda'
+    if args.visualize_mask:
+        from visualize_mask import visualize
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        written = visualize(model, val_loader, device, args.output_dir or '.',
+                            n_visualization=args.n_visualization, mean=IMAGENET_DEFAULT_MEAN,
+                            std=IMAGENET_DEFAULT_STD, rank=dist_state.rank,
+                            world_size=dist_state.world_size)
+        print(f'visualisation: {len(written)} files written to {args.output_dir or "."}')
+        return None
+    sharded_eval = args.dist_eval and dist_state.distributed
+    if args.eval:
+        test_stats = evaluate(val_loader, model, device, use_amp=use_amp, sharded=sharded_eval)
+        print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
+              f'{test_stats["acc1"]:.1f}%')
+        return test_stats
+    return train_loop(args, dist_state, model, train_loader, val_loader, num_classes,
+                      checkpoint, n_parameters, use_amp, sharded_eval)
+
+
+def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint,
+               n_parameters, use_amp, sharded_eval):
+    """Trains from --start_epoch (or the resumed epoch) to --epochs, evaluating, checkpointing
+    and logging after every epoch; returns the last evaluation's stats."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV2
+    device = dist_state.device
+    model_without_ddp = model
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
+                               device='cpu' if args.model_ema_force_cpu else None)
+    if dist_state.distributed:
+        device_ids = [device.index] if device.type == 'cuda' else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    lr = args.lr * args.batch_size * dist_state.world_size / LR_REFERENCE_BATCH
+    optimizer_kwargs = dict(eps=args.opt_eps)
+    if args.opt_betas:
+        optimizer_kwargs['betas'] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=lr,
+                                    weight_decay=args.weight_decay, momentum=args.momentum,
+                                    **optimizer_kwargs)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std, noise_seed=args.seed)
+    loss_scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    mixup_fn, criterion = build_criterion(args, num_classes, device)
+
+    start_epoch = args.start_epoch
+    if checkpoint is not None and 'optimizer' in checkpoint and not args.eval:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        loss_scaler.load_state_dict(checkpoint['scaler'])
+        if model_ema is not None and 'model_ema' in checkpoint:
+            model_ema.module.load_state_dict(checkpoint['model_ema'])
+        start_epoch = checkpoint['epoch'] + 1
+        rng_states = checkpoint.get('rng_states') or []
+        if len(rng_states) == dist_state.world_size:
+            set_rng_state(rng_states[dist_state.rank])
+        print(f'resumed {args.resume} at epoch {start_epoch}')
+
+    keep_rate_schedule = None
+    if is_mtvit(args.model):
+        keep_rate_schedule = partial(keep_rate_at, iters_per_epoch=len(train_loader),
+                                     base_keep_rate=args.base_keep_rate,
+                                     shrink_start_epoch=args.shrink_start_epoch,
+                                     shrink_epochs=args.shrink_epochs)
+    writer = None
+    if args.output_dir and is_main_process():
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(logdir=os.path.join(args.output_dir, 'runs'))
+
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    test_stats = None
+    for epoch in range(start_epoch, args.epochs):
+        if hasattr(train_loader.sampler, 'set_epoch'):
+            train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+            use_amp=use_amp, clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+            keep_rate_schedule=keep_rate_schedule, set_training_mode=not args.finetune,
+            writer=writer, print_freq=args.print_freq)
+        lr_scheduler.step(epoch)
+        test_stats = evaluate(val_loader, model, device, keep_rate=train_stats.get('keep_rate'),
+                              use_amp=use_amp, sharded=sharded_eval)
+        print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
+              f'{test_stats["acc1"]:.1f}%')
+        if checkpoint_path_of(args):
+            save_checkpoint(checkpoint_path_of(args), model_without_ddp, optimizer, lr_scheduler,
+                            loss_scaler, model_ema, epoch, args)
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters}
+        if writer is not None:
+            writer.add_scalar('test_acc1', test_stats['acc1'], epoch)
+            writer.add_scalar('test_acc5', test_stats['acc5'], epoch)
+            writer.flush()
+        if args.output_dir and is_main_process():
+            with open(os.path.join(args.output_dir, 'log.txt'), 'a') as handle:
+                handle.write(json.dumps(log_stats) + '\n')
+    if writer is not None:
+        writer.close()
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f'Training time {total_time}')
+    return test_stats
+
+
+def checkpoint_path_of(args: argparse.Namespace) -> str:
+    """output_dir/checkpoint.pth, or '' when nothing is saved."""
+    return os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ''
+
+
+def cli(argv=None) -> int:
+    """Command-line entry: a clear one-line error and a non-zero exit for bad input."""
+    parser = argparse.ArgumentParser('MTViT training and evaluation script',
+                                     parents=[get_args_parser()], add_help=False)
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except NonFiniteLossError as error:
+        print(f'main.py: error: {error}', file=sys.stderr, flush=True)
+        return 1
+    except (UsageError, DatasetError, CheckpointError) as error:
+        print(f'main.py: error: {error}', file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
