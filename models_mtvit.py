@@ -40,9 +40,9 @@ def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tenso
         (B, gh/2 * gw/2, C).
     """
     batch, _, dim = patches.shape
-    gh, gw = grid
-    cells = patches.reshape(batch, gh // POOL, POOL, gw // POOL, POOL, dim)
-    return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
+    # A channels-last view: avg_pool2d reads it in place, no layout copy either way.
+    patch_map = patches.reshape(batch, grid[0], grid[1], dim).permute(0, 3, 1, 2)
+    return F.avg_pool2d(patch_map, POOL).permute(0, 2, 3, 1).reshape(batch, -1, dim)
 
 
 def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -194,8 +194,12 @@ class Block(nn.Module):
         """
         pooled = torch.cat([x[:, :1], pool_patch_grid(x[:, 1:], grid)], dim=1)
         attn = self.drop_path(self.attn(self.norm1(pooled))[0])
-        low_grid = (grid[0] // POOL, grid[1] // POOL)
-        x = x + torch.cat([attn[:, :1], upsample_patch_grid(attn[:, 1:], low_grid)], dim=1)
+        batch, _, dim = x.shape
+        low_h, low_w = grid[0] // POOL, grid[1] // POOL
+        # Nearest upsampling by broadcasting over the 2x2 cells, without materialising it.
+        patches = (x[:, 1:].reshape(batch, low_h, POOL, low_w, POOL, dim)
+                   + attn[:, 1:].reshape(batch, low_h, 1, low_w, 1, dim))
+        x = torch.cat([x[:, :1] + attn[:, :1], patches.reshape(batch, -1, dim)], dim=1)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
