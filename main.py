@@ -235,6 +235,31 @@ def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dic
         args.input_size = DEFAULT_INPUT_SIZE
 
 
+def check_model_config(args: argparse.Namespace):
+    """Rejects an MTViT shape that cannot be built, naming the flag, before any data is read
+    (the input size is final here: the command line's or the resumed checkpoint's)."""
+    if not is_mtvit(args.model):
+        return
+    preset = models_mtvit.MTVIT_PRESETS[args.model]
+    depth, patch_size = preset['depth'], preset['patch_size']
+    outside = [loc for loc in args.drop_loc if not 0 <= loc < depth]
+    if outside:
+        raise UsageError(f'--drop_loc {tuple(args.drop_loc)}: block(s) {tuple(outside)} do not '
+                         f'exist; {args.model} has blocks 0..{depth - 1}')
+    if args.input_size % patch_size:
+        raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
+                         f'{patch_size} of {args.model}')
+    grid = args.input_size // patch_size
+    if args.multi_scale and grid % 2:
+        raise UsageError(f'--multi-scale needs an even patch grid, but --input-size '
+                         f'{args.input_size} / patch {patch_size} gives {grid}x{grid} '
+                         f'(use a multiple of {2 * patch_size})')
+    first = models_mtvit.MULTI_SCALE_BLOCKS
+    if args.multi_scale and any(loc < first for loc in args.drop_loc):
+        raise UsageError(f'--multi-scale runs blocks 0..{first - 1} on two scales, so --drop_loc '
+                         f'{tuple(args.drop_loc)} must not reduce before block {first}')
+
+
 def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     """The --model, with the MTViT keyword arguments only for MTViT models."""
     import timm
@@ -277,8 +302,10 @@ def finetune_from(model: torch.nn.Module, path: str):
     wrong_shape = [key for key in set(target) & set(state_dict)
                    if state_dict[key].shape != target[key].shape]
     if wrong_shape:
-        raise CheckpointError(f'{path} does not fit the model: shapes differ for '
-                              f'{", ".join(sorted(wrong_shape))}')
+        shown = ', '.join(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
+                          for key in sorted(wrong_shape)[:8])
+        more = f' ... ({len(wrong_shape)} in all)' if len(wrong_shape) > 8 else ''
+        raise CheckpointError(f'{path} does not fit the model: shapes differ for {shown}{more}')
     result = model.load_state_dict(state_dict, strict=False)
     for note in notes:
         print(f'finetune: {note}')
@@ -431,6 +458,7 @@ def run(args: argparse.Namespace, dist_state):
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     resumed_weights = model_state_dict(checkpoint, args.resume) if checkpoint else None
     reconcile_with_checkpoint(args, resumed_weights, args.resume)
+    check_model_config(args)
     print(json.dumps(vars(args), default=str))
     seed_everything(args.seed, dist_state.rank)
 
@@ -538,34 +566,36 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     test_stats = None
-    for epoch in range(start_epoch, args.epochs):
-        if hasattr(train_loader.sampler, 'set_epoch'):
-            train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-            use_amp=use_amp, clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-            keep_rate_schedule=keep_rate_schedule, set_training_mode=not args.finetune,
-            writer=writer, print_freq=args.print_freq)
-        lr_scheduler.step(epoch)
-        test_stats = evaluate(val_loader, model, device, keep_rate=train_stats.get('keep_rate'),
-                              use_amp=use_amp, sharded=sharded_eval)
-        print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
-              f'{test_stats["acc1"]:.1f}%')
-        if checkpoint_path_of(args):
-            save_checkpoint(checkpoint_path_of(args), model_without_ddp, optimizer, lr_scheduler,
-                            loss_scaler, model_ema, epoch, args)
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if hasattr(train_loader.sampler, 'set_epoch'):
+                train_loader.sampler.set_epoch(epoch)
+            train_stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+                use_amp=use_amp, clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+                keep_rate_schedule=keep_rate_schedule, set_training_mode=not args.finetune,
+                writer=writer, print_freq=args.print_freq)
+            lr_scheduler.step(epoch)
+            test_stats = evaluate(val_loader, model, device, keep_rate=train_stats.get('keep_rate'),
+                                  use_amp=use_amp, sharded=sharded_eval)
+            print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
+                  f'{test_stats["acc1"]:.1f}%')
+            if checkpoint_path_of(args):
+                save_checkpoint(checkpoint_path_of(args), model_without_ddp, optimizer,
+                                lr_scheduler, loss_scaler, model_ema, epoch, args)
+            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                         **{f'test_{k}': v for k, v in test_stats.items()},
+                         'epoch': epoch, 'n_parameters': n_parameters}
+            if writer is not None:
+                writer.add_scalar('test_acc1', test_stats['acc1'], epoch)
+                writer.add_scalar('test_acc5', test_stats['acc5'], epoch)
+                writer.flush()
+            if args.output_dir and is_main_process():
+                with open(os.path.join(args.output_dir, 'log.txt'), 'a') as handle:
+                    handle.write(json.dumps(log_stats) + '\n')
+    finally:  # also when training stops on an error: flushes the events, ends the thread
         if writer is not None:
-            writer.add_scalar('test_acc1', test_stats['acc1'], epoch)
-            writer.add_scalar('test_acc5', test_stats['acc5'], epoch)
-            writer.flush()
-        if args.output_dir and is_main_process():
-            with open(os.path.join(args.output_dir, 'log.txt'), 'a') as handle:
-                handle.write(json.dumps(log_stats) + '\n')
-    if writer is not None:
-        writer.close()
+            writer.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
     return test_stats
@@ -576,10 +606,17 @@ def checkpoint_path_of(args: argparse.Namespace) -> str:
     return os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ''
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), with argparse's exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f'main.py: error: {message} (see --help)\n')
+
+
 def cli(argv=None) -> int:
     """Command-line entry: a clear one-line error and a non-zero exit for bad input."""
-    parser = argparse.ArgumentParser('MTViT training and evaluation script',
-                                     parents=[get_args_parser()], add_help=False)
+    parser = OneLineErrorParser('MTViT training and evaluation script',
+                                parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     try:
         main(args)

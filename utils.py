@@ -463,6 +463,47 @@ def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
             pass
         raise
     _fsync_directory(directory)
+    _remove_stale_temporaries(directory, os.path.basename(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Delete temporary files of ``name`` left by writers killed mid-save.
+
+    A SIGKILL or power cut during ``save_checkpoint_atomic`` leaves the checkpoint intact but
+    its half-written temporary behind, a checkpoint's worth of disk each time. After a
+    successful save, temporaries whose writer (the pid in their name) is no longer running on
+    this host are removed, and so are this pid's own (a pid reused after a restart: this
+    process saves synchronously, so none of its own is in progress). Skipped on Windows,
+    where probing a pid with os.kill would terminate it.
+    """
+    if os.name == "nt":
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(directory, entry))
+        except OSError:
+            pass
 
 
 def namespace_to_dict(namespace: argparse.Namespace) -> Dict[str, Any]:
@@ -481,10 +522,54 @@ def _unsafe_global(path: str, error: Exception) -> Optional[str]:
         return match.group(1)
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy-format or corrupt files cannot be scanned
-        return None
+    except Exception:  # not a zip checkpoint: a plain pickle or torch's legacy format
+        names = _unsafe_pickle_globals(path)
     names = [name for name in names if name != "argparse.Namespace"]
     return ", ".join(names) if names else None
+
+
+_PICKLE_STRING_OPS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+                      "SHORT_BINUNICODE", "BINUNICODE8")
+_PICKLE_PUT_OPS = ("PUT", "BINPUT", "LONG_BINPUT")
+_PICKLE_GET_OPS = ("GET", "BINGET", "LONG_BINGET")
+_MAX_SCANNED_PICKLES = 5  # torch's legacy format: magic, protocol, sys info, object, keys
+
+
+def _unsafe_pickle_globals(path: str) -> list:
+    """Globals outside torch's weights-only allow-list that a plain (or legacy-format) pickle
+    file names, found by reading its opcodes with pickletools, which never executes them.
+
+    Only used to word the refusal: torch's weights-only unpickler has already refused the file
+    (for protocol 4 and 5 pickles, at the FRAME opcode, before it reaches any global).
+    """
+    import pickletools
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # a private helper: without it, report every global
+        allowed = set()
+    names = []
+    try:
+        with open(path, "rb") as handle:
+            for _ in range(_MAX_SCANNED_PICKLES):
+                strings, memo, last_string = [], {}, None
+                for opcode, arg, _ in pickletools.genops(handle):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        names.append(arg.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    if opcode.name in _PICKLE_STRING_OPS:
+                        strings.append(arg)
+                    elif opcode.name == "MEMOIZE":
+                        memo[len(memo)] = last_string
+                    elif opcode.name in _PICKLE_PUT_OPS:
+                        memo[arg] = last_string
+                    elif opcode.name in _PICKLE_GET_OPS and memo.get(arg) is not None:
+                        strings.append(memo[arg])
+                    last_string = arg if opcode.name in _PICKLE_STRING_OPS else None
+    except Exception:  # the end of the pickles, raw tensor data, or a damaged file
+        pass
+    return list(dict.fromkeys(name for name in names if name not in allowed))
 
 
 def _first_line(error: BaseException) -> str:
@@ -530,7 +615,9 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
                                   f"(truncated or corrupt?): {_first_line(error)}") from None
 
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns (on stderr) about protocol-4 pickles, which it then refuses anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         name = _unsafe_global(path, error)

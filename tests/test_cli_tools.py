@@ -1,0 +1,221 @@
+"""End-to-end checks of the cost and visualisation tools (SPEC 4): ``main.py --flops``,
+``--only_test_speed``, ``--visualize_mask`` and the ``speed_test.py`` comparison command.
+
+main.py runs in-process through ``main.cli`` (which returns the exit code the command would
+have); speed_test.py, whose error handling lives under ``__main__``, runs as a subprocess.
+"""
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import main  # noqa: E402
+import models_mtvit  # noqa: E402,F401  (registers the MTViT models with timm)
+from utils import save_checkpoint_atomic  # noqa: E402
+
+FLOPS_LINE = re.compile(r'^FLOPs: (?P<flops>\d+\.\d+) G per image at (?P<size>\d+)x(?P=size) '
+                        r'\(fvcore\); torchprofile: (?P<macs>\d+\.\d+) G MACs$', re.MULTILINE)
+# Cheapest throughput measurement main accepts: one image, one timed batch per round.
+CHEAP_SPEED = ['--speed-batch-size', '1', '--speed-iterations', '1']
+NO_DATA = '/nonexistent/imagenet'  # --only_test_speed must not touch it
+SUBPROCESS_TIMEOUT_S = 90
+PATCH = 16
+VIS_SIZE = 64
+VIS_STAGES = 3  # drop_loc (3, 6, 9)
+
+# fvcore traces with torch.jit, which newer torch flags as deprecated: not this project's concern.
+pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    """main.py in-process must not see a launcher's environment."""
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run_main(argv, capsys):
+    """Runs ``main.py ARGV`` in-process on the CPU; returns (exit code, stdout)."""
+    capsys.readouterr()
+    code = main.cli([*argv, '--device', 'cpu', '--num_workers', '0'])
+    return code, capsys.readouterr().out
+
+
+def printed_flops(out):
+    """The (GFLOPs, GMACs, input size) of the one ``FLOPs:`` line in ``out``."""
+    matches = list(FLOPS_LINE.finditer(out))
+    assert len(matches) == 1, out
+    match = matches[0]
+    return float(match['flops']), float(match['macs']), int(match['size'])
+
+
+def assert_cross_checked(flops, macs):
+    """fvcore and torchprofile both count one multiply-add as one: they agree within 1%
+    (they differ only in what they count of normalisation, GELU and the like)."""
+    assert macs == pytest.approx(flops, rel=0.01)
+
+
+# --- --flops and --only_test_speed -------------------------------------------------------
+
+def test_deit_small_flops_and_only_test_speed(tmp_path, capsys):
+    """DeiT-S: 4.61 GFLOPs at 224 (paper); --only_test_speed writes speed_macs.txt, loads no
+    data (the IMNET path does not exist), trains nothing and exits 0."""
+    out_dir = tmp_path / 'out'
+    code, out = run_main(['--model', 'deit_small_patch16_224', '--flops', '--only_test_speed',
+                          *CHEAP_SPEED, '--data-path', NO_DATA, '--data-set', 'IMNET',
+                          '--output_dir', str(out_dir)], capsys)
+    assert code == 0, out
+    flops, macs, size = printed_flops(out)
+    assert size == 224
+    assert round(flops, 2) == 4.61
+    assert_cross_checked(flops, macs)
+
+    assert sorted(path.name for path in out_dir.iterdir()) == ['speed_macs.txt']
+    assert not (out_dir / main.CHECKPOINT_NAME).exists() and not (out_dir / 'log.txt').exists()
+    lines = (out_dir / 'speed_macs.txt').read_text().splitlines()
+    assert len(lines) == 1
+    n_parameters = sum(p.numel() for p in timm.create_model(
+        'deit_small_patch16_224', num_classes=main.DEFAULT_NUM_CLASSES).parameters())
+    match = re.fullmatch(r'deit_small_patch16_224 .*input 224 batch 1 on cpu: '
+                         r'(?P<speed>\d+\.\d) images/s .*; (?P<params>\d+\.\d\d) M parameters',
+                         lines[0])
+    assert match, lines[0]
+    assert float(match['speed']) > 0
+    assert float(match['params']) == round(n_parameters / 1e6, 2) == 22.05
+    assert 'images/s' in out and 'Epoch' not in out
+
+
+def token_counts(input_size, keep_rate=0.7, reductions=3):
+    """Tokens (class token included) the blocks of MTViT multi-scale see: the high-resolution
+    stream before each reduction and after the last, then the low-resolution stream."""
+    patches = (input_size // PATCH) ** 2
+    counts = [patches]
+    for _ in range(reductions):
+        counts.append(math.ceil(keep_rate * counts[-1]))
+    return [count + 1 for count in counts] + [patches // 4 + 1]
+
+
+def test_mtvit_flops_at_224_and_160(capsys):
+    """MTViT-S multi-scale: 3.10 GFLOPs at 224 (paper); at 160 about (160/224)^2 of that.
+
+    Bounds of the 160/224 ratio, from the token counts of both sizes: linear layers cost
+    tokens * dim^2, so their ratio lies between the smallest and largest ratio of token counts
+    over the stages (the ceil of the kept counts and the class token move these a little off
+    (160/224)^2 = 0.510). Attention's q@k and attn@v cost tokens^2 * dim, ratio at least the
+    smallest token ratio squared, and are at most a fraction N / (6 dim) of a block's linear
+    cost (2 N^2 d against 12 N d^2), N = 197, d = 384: under 8.6%, so at most 8% of the total.
+    Attention only lowers the ratio, so the largest token ratio bounds it from above."""
+    counts = {}
+    for size in (224, 160):
+        code, out = run_main(['--model', 'deit_small_patch16_shrink_base', '--multi-scale',
+                              '--input-size', str(size), '--flops', '--only_test_speed',
+                              *CHEAP_SPEED, '--data-path', NO_DATA], capsys)
+        assert code == 0, out
+        flops, macs, printed_size = printed_flops(out)
+        assert printed_size == size
+        assert_cross_checked(flops, macs)
+        counts[size] = flops
+    assert round(counts[224], 2) == 3.10
+
+    ratios = [small / big for small, big in zip(token_counts(160), token_counts(224))]
+    attention_share = 0.08
+    lower = (1 - attention_share) * min(ratios) + attention_share * min(ratios) ** 2
+    upper = max(ratios)
+    ratio = counts[160] / counts[224]
+    assert lower < ratio < upper, (lower, ratio, upper)
+    assert abs(ratio - (160 / 224) ** 2) < 0.02
+
+
+# --- --visualize_mask --------------------------------------------------------------------
+
+def write_checkpoint(path, multi_scale):
+    """A randomly initialised MTViT-T for DIGITS at 64x64, saved as main.py saves models."""
+    torch.manual_seed(0)
+    model = timm.create_model('deit_tiny_patch16_shrink_base', img_size=VIS_SIZE,
+                              num_classes=10, multi_scale=multi_scale)
+    save_checkpoint_atomic({'model': model.state_dict()}, str(path))
+
+
+@pytest.mark.parametrize('multi_scale, batch_size', [(False, 8), (True, 8), (True, 6)])
+def test_visualize_mask_writes_n_images(tmp_path, capsys, multi_scale, batch_size):
+    """12 images: 12 inputs, 12 x 3 stage maps at the input size (taken from the checkpoint),
+    one overview per validation batch of int(1.5 * batch_size) images."""
+    checkpoint = tmp_path / 'checkpoint.pth'
+    write_checkpoint(checkpoint, multi_scale)
+    out_dir = tmp_path / 'vis'
+    n_images = 12
+    code, out = run_main(['--model', 'deit_tiny_patch16_shrink_base', '--data-set', 'DIGITS',
+                          '--visualize_mask', '--n_visualization', str(n_images),
+                          '--batch-size', str(batch_size), '--resume', str(checkpoint),
+                          '--output_dir', str(out_dir)], capsys)
+    assert code == 0, out
+
+    val_batch = int(main.EVAL_BATCH_FACTOR * batch_size)
+    rows_per_overview = [min(val_batch, n_images - start) for start in range(0, n_images, val_batch)]
+    inputs = sorted(path.name for path in out_dir.glob('img*_input.png'))
+    stages = sorted(path.name for path in out_dir.glob('img*_stage*.png'))
+    overviews = sorted(out_dir.glob('*_overview.png'))
+    assert inputs == [f'img{index:05d}_input.png' for index in range(n_images)]
+    assert stages == sorted(f'img{index:05d}_stage{stage}.png' for index in range(n_images)
+                            for stage in range(1, VIS_STAGES + 1))
+    assert len(overviews) == len(rows_per_overview)
+    assert len(list(out_dir.iterdir())) == len(inputs) + len(stages) + len(overviews)
+    assert f'visualisation: {len(inputs) + len(stages) + len(overviews)} files written' in out
+    assert not (out_dir / main.CHECKPOINT_NAME).exists()
+
+    for name in inputs + stages:
+        with Image.open(out_dir / name) as image:
+            assert image.mode == 'RGB' and image.size == (VIS_SIZE, VIS_SIZE), name
+    with Image.open(out_dir / inputs[0]) as image:
+        assert np.asarray(image).std() > 0  # a digit, not a blank
+    gap = 4
+    for path, rows in zip(overviews, rows_per_overview):
+        with Image.open(path) as image:
+            assert image.size == ((VIS_STAGES + 1) * (VIS_SIZE + gap) - gap,
+                                  rows * (VIS_SIZE + gap) - gap)
+
+
+# --- speed_test.py -----------------------------------------------------------------------
+
+def run_speed_test(*argv):
+    return subprocess.run([sys.executable, str(REPO_ROOT / 'speed_test.py'), *argv],
+                          cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_S)
+
+
+def test_speed_test_compares_models():
+    specs = ['deit_small_patch16_224', 'deit_small_patch16_shrink_base:base_keep_rate=1.0']
+    result = run_speed_test(*specs, '--input-size', '64', '--batch-size', '2',
+                            '--iterations', '1', '--repeats', '1', '--warmup', '0')
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'^inference \(cpu, batch 2, 1 iterations x 1 rounds, best\):$',
+                     result.stdout, re.MULTILINE), result.stdout
+    ratios = {}
+    for spec in specs:
+        lines = re.findall(rf'^  {re.escape(spec)}: (\d+\.\d) images/s \[(\d+\.\d)\]  '
+                           rf'ratio (\d+\.\d+)$', result.stdout, re.MULTILINE)
+        assert len(lines) == 1, result.stdout
+        best, (run,), ratio = float(lines[0][0]), [float(lines[0][1])], float(lines[0][2])
+        assert best == run > 0  # one round: the best is that round
+        ratios[spec] = ratio
+    assert ratios[specs[0]] == 1.0  # ratios are to the first model
+    assert ratios[specs[1]] > 0
+
+
+def test_speed_test_malformed_spec_exits_2_with_one_line():
+    result = run_speed_test('deit_small_patch16_224:foo', '--input-size', '64')
+    assert result.returncode == 2
+    assert result.stdout == ''
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith('speed_test.py: error: ') and "'foo'" in lines[0]
