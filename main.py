@@ -543,7 +543,8 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     if checkpoint is not None and 'optimizer' in checkpoint and not args.eval:
         optimizer.load_state_dict(checkpoint['optimizer'])
         lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        loss_scaler.load_state_dict(checkpoint['scaler'])
+        if checkpoint.get('scaler'):  # empty when saved without AMP (CPU): nothing to restore
+            loss_scaler.load_state_dict(checkpoint['scaler'])
         if model_ema is not None and 'model_ema' in checkpoint:
             model_ema.module.load_state_dict(checkpoint['model_ema'])
         start_epoch = checkpoint['epoch'] + 1

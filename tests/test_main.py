@@ -10,10 +10,8 @@ Run: ``python -m pytest tests/test_main.py -q`` from the repository root.
 """
 import glob
 import json
-import math
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -343,12 +341,12 @@ def test_finetune_one_epoch_keeps_deit_weights(deit_tiny_checkpoints, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 RESUME_ARGS = ['--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_shrink_base',
-               '--input-size', '32', '--batch-size', '32', '--epochs', '3',
+               '--input-size', '32', '--batch-size', '64', '--epochs', '3',
                '--shrink_start_epoch', '1', '--shrink_epochs', '1', '--model-ema',
                '--model-ema-decay', '0.9', '--device', 'cpu', '--num_workers', '2']
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
+def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
     full_dir, killed_dir = tmp_path / 'full', tmp_path / 'killed'
     popen = dict(cwd=REPO_ROOT, env=child_env(threads=1), stdout=subprocess.PIPE,
                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -394,6 +392,15 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert [e['epoch'] for e in read_log(killed_dir)] == [0, 1, 2]
     assert read_log(killed_dir)[2] == read_log(full_dir)[2]
 
+    # A checkpoint saved without AMP (CPU: empty scaler state) resumes where AMP is on (CUDA).
+    real_grad_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, 'GradScaler',
+                        lambda device, enabled=False: real_grad_scaler(device, enabled=True))
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    assert mtvit_main.cli([*RESUME_ARGS, '--num_workers', '0', '--output_dir', str(tmp_path / 'amp'),
+                           '--resume', str(full_dir / 'checkpoint.pth')]) == 0
+
 
 # ---------------------------------------------------------------------------------------------
 # 5. The release README's commands through the deprecated launcher
@@ -401,6 +408,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 SMALL_RUN = ['--epochs', '1', '--input-size', '64', '--batch-size', '32', '--device', 'cpu']
 
+README_TRAIN_T = ('--model deit_tiny_patch16_shrink_base  --base_keep_rate 0.7 --input-size 224 '
+                  '--batch-size 256 --warmup-epochs 5 --shrink_start_epoch 10 --shrink_epochs 100 '
+                  '--epochs 300 --dist-eval  --data-path {data} --output_dir {out} --multi-scale')
 README_TRAIN_S = ('--model deit_small_patch16_shrink_base  --base_keep_rate 0.7 --input-size 224 '
                   '--batch-size 128 --warmup-epochs 5 --shrink_start_epoch 10 --shrink_epochs 100 '
                   '--epochs 300 --dist-eval  --data-path {data} --output_dir {out} --multi-scale')
@@ -412,9 +422,29 @@ README_EVAL = ('--model deit_small_patch16_shrink_base  --base_keep_rate 0.7 --b
                '--eval  --resume {checkpoint}  --data-path {data} ')
 
 
-def test_readme_commands_through_deprecated_launcher(tmp_path):
+@pytest.fixture(scope='module')
+def small_digits_tree(tmp_path_factory):
     # 13 training images per class: 130 images, 65 per process, 2 batches of 32 each.
-    data = export_digits_tree(str(tmp_path / 'digits'), train_per_class=13, val_per_class=5)
+    return export_digits_tree(str(tmp_path_factory.mktemp('tree') / 'digits'),
+                              train_per_class=13, val_per_class=5)
+
+
+def test_readme_mtvit_t_training_command(small_digits_tree, tmp_path):
+    out = tmp_path / 'train_t'
+    proc = run(launcher('torch.distributed.launch',
+                        *README_TRAIN_T.format(data=small_digits_tree, out=out).split(),
+                        *SMALL_RUN), threads=1)
+    assert [n for n, _ in accuracy_lines(proc.stdout)] == ['50']
+    checkpoint = load_weights_only(out / 'checkpoint.pth')
+    assert checkpoint['args']['multi_scale'] is True and checkpoint['args']['input_size'] == 64
+    assert checkpoint['model']['pos_embed_list.0'].shape == (1, 5, 192)
+    assert checkpoint['model']['pos_embed_list.1'].shape == (1, 17, 192)
+    [entry] = read_log(out)
+    assert entry['train_keep_rate'] == 1.0  # --shrink_start_epoch 10: no reduction yet
+
+
+def test_readme_mtvit_s_train_finetune_eval(small_digits_tree, tmp_path):
+    data = small_digits_tree
     train_dir, finetune_dir = tmp_path / 'train', tmp_path / 'finetune'
 
     # MTViT-S multi-scale training, `--use_env` (LOCAL_RANK in the environment).
