@@ -102,14 +102,21 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
                      warmup: int, repeats: int) -> Dict[str, List[float]]:
     """Throughput (images/s) of each entry, ``repeats`` times. Every round times each entry once
     (``iterations`` steps, after ``warmup`` untimed steps in the first round), so that slow
-    drifts of the machine affect all entries alike. Returns name -> one value per round."""
+    drifts of the machine affect all entries alike. With several entries, each timing is
+    preceded by one untimed step and every other round runs them in reverse order: an entry
+    timed right after another one otherwise pays for the caches and allocator state that one
+    left behind, which biases the ratios by several percent. Returns name -> one value per round.
+    """
     for entry in timed:
         for _ in range(warmup):
             entry.step()
     synchronize(device)
     results = {entry.name: [] for entry in timed}
-    for _ in range(repeats):
-        for entry in timed:
+    for round_index in range(repeats):
+        ordered = timed if round_index % 2 == 0 else list(reversed(timed))
+        for entry in ordered:
+            if len(timed) > 1:
+                entry.step()
             synchronize(device)
             start = time.perf_counter()
             for _ in range(iterations):
