@@ -5,7 +5,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from utils import MetricLogger, SmoothedValue, all_reduce_sum, check_finite
+from utils import MetricLogger, SmoothedValue, all_reduce_sum, check_finite_losses
 
 LOG_EVERY = 10
 """Iterations between progress lines and tensorboard points."""
@@ -27,9 +27,21 @@ def keep_rate_at(iteration: int, iters_per_epoch: int, base_keep_rate: float,
     return base_keep_rate + (1 - base_keep_rate) * (math.cos(math.pi * progress) + 1) / 2
 
 
-def _keep_rate_kwargs(keep_rate: Optional[float]) -> dict:
-    # Plain timm models (the DeiT baselines) take no keep_rate argument.
-    return {} if keep_rate is None else {'keep_rate': keep_rate}
+def reduction_kwargs(keep_rate: Optional[float],
+                     token_counts: Optional[Callable[[float], list]]) -> dict:
+    """Keyword arguments that make the model reduce tokens at ``keep_rate``.
+
+    None (plain timm models, the DeiT baselines, or the configured rates) gives none. With
+    ``token_counts`` (``MTViT.token_counts``) the model gets its per-block token counts
+    rather than the rate: under torch.compile an int becomes a dynamic size after one
+    recompilation, while a float rate would be specialised, one recompilation for every value
+    the keep-rate schedule takes.
+    """
+    if keep_rate is None:
+        return {}
+    if token_counts is None:
+        return {'keep_rate': keep_rate}
+    return {'tokens': token_counts(keep_rate)}
 
 
 def train_one_epoch(
@@ -40,32 +52,41 @@ def train_one_epoch(
         device: torch.device,
         epoch: int,
         loss_scaler: torch.amp.GradScaler,
-        use_amp: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
         clip_grad: Optional[float] = None,
         model_ema=None,
         mixup_fn: Optional[Callable] = None,
         keep_rate_schedule: Optional[Callable[[int], float]] = None,
+        token_counts: Optional[Callable[[float], list]] = None,
         set_training_mode: bool = True,
         writer=None,
         print_freq: int = LOG_EVERY,
 ) -> Dict[str, float]:
     """Trains one epoch.
 
+    The losses stay on the device between progress lines (every ``print_freq`` steps), so
+    that the host does not wait for the device at every step; they are checked for NaN/inf
+    there, on every process.
+
     Args:
-        keep_rate_schedule: global iteration -> keep rate passed to the model at that step;
-            None for models without token reduction.
+        amp_dtype: autocast dtype (torch.float16 or torch.bfloat16), None for full precision.
+        keep_rate_schedule: global iteration -> keep rate at that step; None for models
+            without token reduction.
+        token_counts: keep rate -> the model's ``tokens`` argument (``MTViT.token_counts``).
         set_training_mode: False keeps the model in eval mode (finetuning, as the release does).
         writer: a tensorboardX SummaryWriter (main process only) or None.
     Returns:
         global averages of the meters (loss, lr, keep_rate) over all processes.
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite.
+        NonFiniteLossError: the loss became NaN or infinite on any process.
     """
     model.train(set_training_mode)
     metric_logger = MetricLogger(device=device)
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     iters_per_epoch = len(data_loader)
     header = f'Epoch: [{epoch}]'
+    pending_losses = []
+    keep_rate = None
     for step, (samples, targets) in enumerate(
             metric_logger.log_every(data_loader, print_freq, header)):
         iteration = epoch * iters_per_epoch + step
@@ -75,11 +96,11 @@ def train_one_epoch(
             samples, targets = mixup_fn(samples, targets)
         keep_rate = keep_rate_schedule(iteration) if keep_rate_schedule else None
 
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            outputs = model(samples, **_keep_rate_kwargs(keep_rate))
+        with torch.autocast(device_type=device.type, dtype=amp_dtype,
+                            enabled=amp_dtype is not None):
+            outputs = model(samples, **reduction_kwargs(keep_rate, token_counts))
             loss = criterion(samples, outputs, targets)
-        loss_value = loss.item()
-        check_finite(loss_value, epoch, step)
+        pending_losses.append(loss.detach())
 
         optimizer.zero_grad(set_to_none=True)
         loss_scaler.scale(loss).backward()
@@ -92,14 +113,20 @@ def train_one_epoch(
             model_ema.update(model)
 
         lr = optimizer.param_groups[0]['lr']
-        metric_logger.update(loss=loss_value, lr=lr)
+        metric_logger.update(lr=lr)
         if keep_rate is not None:
             metric_logger.update(keep_rate=keep_rate)
-        if writer is not None and step % print_freq == 0:
-            writer.add_scalar('loss', loss_value, iteration)
-            writer.add_scalar('lr', lr, iteration)
-            if keep_rate is not None:
-                writer.add_scalar('keep_rate', keep_rate, iteration)
+        if step % print_freq == 0 or step == iters_per_epoch - 1:
+            losses = check_finite_losses(torch.stack(pending_losses), epoch,
+                                         step + 1 - len(pending_losses))
+            pending_losses.clear()
+            for loss_value in losses:
+                metric_logger.update(loss=loss_value)
+            if writer is not None:
+                writer.add_scalar('loss', losses[-1], iteration)
+                writer.add_scalar('lr', lr, iteration)
+                if keep_rate is not None:
+                    writer.add_scalar('keep_rate', keep_rate, iteration)
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
@@ -110,33 +137,38 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
-             keep_rate: Optional[float] = None, use_amp: bool = False,
-             sharded: bool = False) -> Dict[str, float]:
+             keep_rate: Optional[float] = None, amp_dtype: Optional[torch.dtype] = None,
+             sharded: bool = False, token_counts: Optional[Callable[[float], list]] = None,
+             print_freq: int = LOG_EVERY) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and cross-entropy of ``model`` on the loader's samples.
 
+    The counts are accumulated on the device; the host reads them only for progress lines.
     With ``sharded`` (each process holds a disjoint part of the data), correct counts and loss
     sums are added up over the processes, so the result equals a single-process evaluation.
-    ``keep_rate`` None uses the model's configured rates.
+    ``keep_rate`` None uses the model's configured rates; see ``reduction_kwargs``.
     """
     criterion = nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger(device=device)
+    model_kwargs = reduction_kwargs(keep_rate, token_counts)
     # [samples, top-1 correct, top-5 correct, loss sum]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    for images, targets in metric_logger.log_every(data_loader, LOG_EVERY, 'Test:'):
+    for step, (images, targets) in enumerate(
+            metric_logger.log_every(data_loader, print_freq, 'Test:')):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            outputs = model(images, **_keep_rate_kwargs(keep_rate))
+        with torch.autocast(device_type=device.type, dtype=amp_dtype,
+                            enabled=amp_dtype is not None):
+            outputs = model(images, **model_kwargs)
         outputs = outputs.float()
         top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
         hits = top5 == targets.unsqueeze(1)
-        batch = torch.stack([torch.tensor(float(len(targets)), device=device),
-                             hits[:, 0].sum(), hits.any(dim=1).sum(),
-                             criterion(outputs, targets)]).double()
-        totals += batch
-        metric_logger.update(loss=batch[3].item() / len(targets),
-                             acc1=100. * batch[1].item() / len(targets))
+        totals += torch.stack([torch.tensor(float(len(targets)), device=device),
+                               hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               criterion(outputs, targets)]).double()
+        if step % print_freq == 0 or step == len(data_loader) - 1:
+            seen, correct1, _, loss_sum = totals.tolist()
+            metric_logger.update(loss=loss_sum / seen, acc1=100. * correct1 / seen)
     if sharded:
         totals = all_reduce_sum(totals)
     num_samples, correct1, correct5, loss_sum = totals.tolist()

@@ -95,3 +95,14 @@ class DistillationLoss(nn.Module):
             distillation_loss = F.cross_entropy(distill_logits, teacher_logits.argmax(dim=1))
 
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+def build_teacher(model_name: str, path: str, num_classes: int, device: torch.device) -> nn.Module:
+    """The distillation teacher: timm's ``model_name`` with the weights at ``path`` (a
+    checkpoint of exactly that model), in eval mode on ``device``."""
+    import timm
+    from checkpoints import load_checkpoint, load_weights, model_state_dict
+    teacher = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
+                                global_pool='avg')
+    load_weights(teacher, model_state_dict(load_checkpoint(path), path), path)
+    return teacher.to(device).eval()

@@ -18,17 +18,18 @@ import torch
 import models_mtvit
 from datasets import DATA_SETS, DatasetError, build_dataset, build_transform
 from engine import evaluate, keep_rate_at, train_one_epoch
-from samplers import RASampler, ShardSampler
-from utils import (CheckpointError, NonFiniteLossError, cleanup, get_rng_state, init_distributed,
-                   is_main_process, load_checkpoint, save_checkpoint_atomic, seed_everything,
-                   set_rng_state, all_gather_object)
+from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
+from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
+                         model_state_dict, save_checkpoint_atomic)
+from utils import (NonFiniteLossError, all_gather_object, cleanup, get_rng_state,
+                   init_distributed, is_main_process, seed_everything, set_rng_state)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
 LR_REFERENCE_BATCH = 512
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
-BACKBONE_PREFIXES = ('patch_embed.', 'blocks.', 'cls_token', 'norm.')
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 class UsageError(Exception):
@@ -38,7 +39,8 @@ class UsageError(Exception):
 def parse_drop_loc(text: str) -> tuple:
     """'(3, 6, 9)', '3,6,9' or '[3 6 9]' -> (3, 6, 9); never evaluated as code."""
     if not re.fullmatch(r'[\s()\[\],0-9]*', text) or not re.search(r'\d', text):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a list of block indices such as "(3, 6, 9)"')
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a list of block indices such as "(3, 6, 9)"')
     return tuple(int(index) for index in re.findall(r'\d+', text))
 
 
@@ -144,7 +146,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--distillation-tau', default=1.0, type=float)
 
     group = parser.add_argument_group('finetuning and data')
-    group.add_argument('--finetune', default='', help='finetune from checkpoint (.pth or .safetensors)')
+    group.add_argument('--finetune', default='',
+                       help='finetune from checkpoint (.pth or .safetensors)')
     group.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
     group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str)
     group.add_argument('--inat-category', default='name', type=str,
@@ -156,6 +159,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('run')
     group.add_argument('--output_dir', default='', help='where to save, empty for no saving')
     group.add_argument('--device', default='cuda', help='cuda or cpu (cuda falls back to cpu)')
+    group.add_argument('--amp-dtype', default='fp16', choices=tuple(AMP_DTYPES),
+                       help='mixed precision on CUDA: fp16 (with a loss scaler, as DeiT) or bf16 '
+                            '(no scaler, no host synchronisation per step; Ampere or newer)')
+    group.add_argument('--compile', action='store_true',
+                       help='torch.compile the model for training and evaluation (first steps '
+                            'are slower while it compiles)')
     group.add_argument('--seed', default=0, type=int)
     group.add_argument('--resume', default='', help='resume from checkpoint')
     group.add_argument('--auto-resume', action='store_true',
@@ -179,16 +188,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def is_mtvit(model_name: str) -> bool:
     return model_name in models_mtvit.MTVIT_MODELS
-
-
-def model_state_dict(checkpoint: dict, path: str) -> dict:
-    """The weights in a checkpoint: under 'model' (DeiT, MTViT), 'state_dict' (timm) or bare."""
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        raise CheckpointError(f'{path} holds no model weights (no "model" or "state_dict" entry)')
-    return checkpoint
 
 
 def check_args(args: argparse.Namespace):
@@ -276,77 +275,6 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
         raise UsageError(f'--model {args.model}: {error}') from None
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
-    """Loads a checkpoint of this very model (resume, eval), listing any mismatch."""
-    target = model.state_dict()
-    missing = sorted(set(target) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(target))
-    wrong_shape = sorted(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
-                         for key in set(target) & set(state_dict)
-                         if state_dict[key].shape != target[key].shape)
-    if missing or unexpected or wrong_shape:
-        problems = '; '.join(f'{name}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
-                             for name, keys in (('missing', missing), ('unexpected', unexpected),
-                                                ('shape', wrong_shape)) if keys)
-        raise CheckpointError(f'{path} does not fit --model {type(model).__name__} '
-                              f'({problems})')
-    model.load_state_dict(state_dict, strict=True)
-
-
-def finetune_from(model: torch.nn.Module, path: str):
-    """Initialises ``model`` from a DeiT/timm or MTViT checkpoint (SPEC 6): resamples position
-    embeddings, drops a head of another class count; refuses when backbone weights are missing."""
-    state_dict = model_state_dict(load_checkpoint(path), path)
-    state_dict, notes = models_mtvit.adapt_state_dict(state_dict, model)
-    target = model.state_dict()
-    wrong_shape = [key for key in set(target) & set(state_dict)
-                   if state_dict[key].shape != target[key].shape]
-    if wrong_shape:
-        shown = ', '.join(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
-                          for key in sorted(wrong_shape)[:8])
-        more = f' ... ({len(wrong_shape)} in all)' if len(wrong_shape) > 8 else ''
-        raise CheckpointError(f'{path} does not fit the model: shapes differ for {shown}{more}')
-    result = model.load_state_dict(state_dict, strict=False)
-    for note in notes:
-        print(f'finetune: {note}')
-    print(f'finetune from {path}: missing keys {result.missing_keys}, '
-          f'unexpected keys {result.unexpected_keys}')
-    missing_backbone = [key for key in result.missing_keys if key.startswith(BACKBONE_PREFIXES)]
-    if missing_backbone:
-        raise CheckpointError(f'{path} lacks backbone weights {", ".join(missing_backbone[:8])}'
-                              f'{" ..." if len(missing_backbone) > 8 else ""}: refusing to '
-                              f'finetune from it')
-
-
-def report_flops(model: torch.nn.Module, input_size: int, device: torch.device):
-    """Prints FLOPs per image (fvcore, the paper's convention) and torchprofile's MACs."""
-    from speed_test import count_flops, count_macs
-    flops = count_flops(model, input_size, device)
-    macs = count_macs(model, input_size, device)
-    print(f'FLOPs: {flops / 1e9:.3f} G per image at {input_size}x{input_size} (fvcore); '
-          f'torchprofile: {macs / 1e9:.3f} G MACs')
-
-
-def report_speed(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
-                 n_parameters: int):
-    """Measures inference throughput and appends it to output_dir/speed_macs.txt."""
-    from speed_test import CPU_DEFAULTS, GPU_DEFAULTS, measure_throughput
-    defaults = CPU_DEFAULTS if device.type == 'cpu' else GPU_DEFAULTS
-    batch_size = args.speed_batch_size or defaults['batch_size']
-    iterations = args.speed_iterations or defaults['iterations']
-    runs = measure_throughput(model, args.input_size, device, batch_size=batch_size,
-                              iterations=iterations, warmup=defaults['warmup'],
-                              repeats=defaults['repeats'])
-    line = (f'{args.model} multi_scale={args.multi_scale} base_keep_rate={args.base_keep_rate} '
-            f'input {args.input_size} batch {batch_size} on {device}: '
-            f'{max(runs):.1f} images/s (best of {", ".join(f"{run:.1f}" for run in runs)}); '
-            f'{n_parameters / 1e6:.2f} M parameters')
-    print(f'throughput: {line}')
-    if args.output_dir and is_main_process():
-        with open(os.path.join(args.output_dir, 'speed_macs.txt'), 'a') as handle:
-            handle.write(line + '\n')
-
-
 def build_loaders(args: argparse.Namespace, dist_state, train: bool):
     """Data loaders of the splits this run needs; returns (train_loader or None, val_loader,
     num_classes)."""
@@ -359,7 +287,12 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
                         inat_category=args.inat_category, skip_bad_images=args.skip_bad_images)
     dataset_val, num_classes = build_dataset(
         False, transform=build_transform(False, **transform_args), **dataset_args)
-    loader_args = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and dist_state.device.type == 'cuda')
+    # Persistent workers: no restart of every worker process at each epoch. A loader's own
+    # generator: the worker seeds it draws (once with persistent workers, so a resumed run would
+    # draw where an uninterrupted one does not) leave the process's random stream alone.
+    loader_args = dict(num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                       pin_memory=args.pin_mem and dist_state.device.type == 'cuda',
+                       generator=torch.Generator().manual_seed(args.seed))
     world_size, rank = dist_state.world_size, dist_state.rank
     if args.dist_eval and dist_state.distributed:
         val_sampler = ShardSampler(len(dataset_val), num_replicas=world_size, rank=rank)
@@ -383,18 +316,18 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
     if len(train_sampler) < args.batch_size:
         raise UsageError(f'--batch-size {args.batch_size} exceeds the {len(train_sampler)} '
                          f'training images each process sees: no full batch')
+    # Per-sample seeds: augmentations independent of the (persistent) workers, exact on resume.
     train_loader = torch.utils.data.DataLoader(
-        dataset_train, sampler=train_sampler, batch_size=args.batch_size, drop_last=True,
-        **loader_args)
+        SeededDataset(dataset_train), sampler=SeededSampler(train_sampler, args.seed, rank),
+        batch_size=args.batch_size, drop_last=True, **loader_args)
     return train_loader, val_loader, num_classes
 
 
 def build_criterion(args: argparse.Namespace, num_classes: int, device: torch.device):
     """Mixup/CutMix (or None) and the loss, with distillation when asked."""
-    import timm
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from losses import DistillationLoss
+    from losses import DistillationLoss, build_teacher
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
@@ -409,11 +342,7 @@ def build_criterion(args: argparse.Namespace, num_classes: int, device: torch.de
         base_criterion = torch.nn.CrossEntropyLoss()
     teacher = None
     if args.distillation_type != 'none':
-        teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes,
-                                    global_pool='avg')
-        teacher_state = model_state_dict(load_checkpoint(args.teacher_path), args.teacher_path)
-        load_weights(teacher, teacher_state, args.teacher_path)
-        teacher.to(device).eval()
+        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device)
     criterion = DistillationLoss(base_criterion, teacher, args.distillation_type,
                                  args.distillation_alpha, args.distillation_tau)
     return mixup_fn, criterion
@@ -480,13 +409,24 @@ def run(args: argparse.Namespace, dist_state):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters')
 
+    amp_dtype = amp_dtype_of(args, device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     if args.flops:
+        from speed_test import report_flops
         report_flops(model, args.input_size, device)
     if args.test_speed or args.only_test_speed:
-        report_speed(model, args, device, n_parameters)
+        from speed_test import report_throughput
+        report_throughput(
+            model, args.input_size, device, batch_size=args.speed_batch_size,
+            iterations=args.speed_iterations, amp_dtype=amp_dtype,
+            note=f'{n_parameters / 1e6:.2f} M parameters',
+            label=f'{args.model} multi_scale={args.multi_scale} '
+                  f'base_keep_rate={args.base_keep_rate}',
+            log_path=(os.path.join(args.output_dir, 'speed_macs.txt')
+                      if args.output_dir and is_main_process() else None))
     if args.only_test_speed:
         return None
-    use_amp = device.type == 'cuda'
     if args.visualize_mask:
         from visualize_mask import visualize
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -498,30 +438,37 @@ def run(args: argparse.Namespace, dist_state):
         return None
     sharded_eval = args.dist_eval and dist_state.distributed
     if args.eval:
-        test_stats = evaluate(val_loader, model, device, use_amp=use_amp, sharded=sharded_eval)
+        model = torch.compile(model) if args.compile else model
+        test_stats = evaluate(val_loader, model, device, amp_dtype=amp_dtype, sharded=sharded_eval,
+                              token_counts=token_counts_of(model, args))
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats
     return train_loop(args, dist_state, model, train_loader, val_loader, num_classes,
-                      checkpoint, n_parameters, use_amp, sharded_eval)
+                      checkpoint, n_parameters, amp_dtype, sharded_eval)
 
 
 def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint,
-               n_parameters, use_amp, sharded_eval):
+               n_parameters, amp_dtype, sharded_eval):
     """Trains from --start_epoch (or the resumed epoch) to --epochs, evaluating, checkpointing
     and logging after every epoch; returns the last evaluation's stats."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV2
+    from timm.utils import ModelEmaV3
     device = dist_state.device
     model_without_ddp = model
     model_ema = None
     if args.model_ema:
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
+        # V3 updates all weights in a few fused (foreach) kernels, not one per tensor.
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device='cpu' if args.model_ema_force_cpu else None)
     if dist_state.distributed:
         device_ids = [device.index] if device.type == 'cuda' else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # The model's only buffers are constants of its grid: nothing to broadcast each step.
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                          broadcast_buffers=False)
+    if args.compile:
+        model = torch.compile(model)
 
     lr = args.lr * args.batch_size * dist_state.world_size / LR_REFERENCE_BATCH
     optimizer_kwargs = dict(eps=args.opt_eps)
@@ -536,7 +483,8 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
         noise_std=args.lr_noise_std, noise_seed=args.seed)
-    loss_scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    # bf16 has float32's range: only fp16 needs its loss scaled.
+    loss_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixup_fn, criterion = build_criterion(args, num_classes, device)
 
     start_epoch = args.start_epoch
@@ -573,12 +521,15 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
                 train_loader.sampler.set_epoch(epoch)
             train_stats = train_one_epoch(
                 model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-                use_amp=use_amp, clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-                keep_rate_schedule=keep_rate_schedule, set_training_mode=not args.finetune,
+                amp_dtype=amp_dtype, clip_grad=args.clip_grad, model_ema=model_ema,
+                mixup_fn=mixup_fn, keep_rate_schedule=keep_rate_schedule,
+                token_counts=token_counts_of(model_without_ddp, args),
+                set_training_mode=not args.finetune,
                 writer=writer, print_freq=args.print_freq)
             lr_scheduler.step(epoch)
             test_stats = evaluate(val_loader, model, device, keep_rate=train_stats.get('keep_rate'),
-                                  use_amp=use_amp, sharded=sharded_eval)
+                                  amp_dtype=amp_dtype, sharded=sharded_eval,
+                                  token_counts=token_counts_of(model_without_ddp, args))
             print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
                   f'{test_stats["acc1"]:.1f}%')
             if checkpoint_path_of(args):
@@ -600,6 +551,18 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
     return test_stats
+
+
+def amp_dtype_of(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype: --amp-dtype on CUDA, None (full precision) elsewhere."""
+    return AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None
+
+
+def token_counts_of(model: torch.nn.Module, args: argparse.Namespace):
+    """MTViT's keep rate -> per-block token counts (see engine.reduction_kwargs); None for
+    other models."""
+    model = getattr(model, '_orig_mod', model)  # under torch.compile
+    return model.token_counts if is_mtvit(args.model) else None
 
 
 def checkpoint_path_of(args: argparse.Namespace) -> str:

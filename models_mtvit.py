@@ -80,27 +80,30 @@ def merge_tokens(
         ones, in output order; assignment: (B, N - 1) output patch position of each input patch.
     """
     cls_token, patches = x[:, :1], x[:, 1:]
-    batch, num_patches, dim = patches.shape
+    batch, _, dim = patches.shape
     order = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
     kept_index, pruned_index = order[:, :num_keep], order[:, num_keep:]
-    kept = patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim))
-    pruned = patches.gather(1, pruned_index.unsqueeze(-1).expand(-1, -1, dim))
-    kept_score = cls_attention.gather(1, kept_index)
-    pruned_score = cls_attention.gather(1, pruned_index)
 
     # The choice of merge target is discrete: no gradient flows through the similarities.
     with torch.no_grad():
-        similarity = F.normalize(pruned, dim=-1) @ F.normalize(kept, dim=-1).transpose(1, 2)
-        target = similarity.argmax(dim=-1)
+        kept_unit = F.normalize(patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim)),
+                                dim=-1)
+        pruned_unit = F.normalize(
+            patches.gather(1, pruned_index.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
+        target = (pruned_unit @ kept_unit.transpose(1, 2)).argmax(dim=-1)
+        kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
+        assignment = torch.empty_like(order).scatter_(1, order,
+                                                      torch.cat([kept_position, target], 1))
 
-    weighted_sum = (kept * kept_score.unsqueeze(-1)).scatter_add(
-        1, target.unsqueeze(-1).expand(-1, -1, dim), pruned * pruned_score.unsqueeze(-1))
-    total_score = kept_score.scatter_add(1, target, pruned_score)
+    # One scatter of every patch token, in input order, into the token it goes to (a kept token
+    # goes to itself): no gathered copies of the kept and pruned tokens on the gradient path.
+    weighted = patches * cls_attention.unsqueeze(-1)
+    weighted_sum = weighted.new_zeros(batch, num_keep, dim).scatter_add_(
+        1, assignment.unsqueeze(-1).expand(-1, -1, dim), weighted)
+    total_score = cls_attention.new_zeros(batch, num_keep).scatter_add_(1, assignment,
+                                                                         cls_attention)
     merged = weighted_sum / total_score.unsqueeze(-1)
-
-    kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
-    assignment = torch.empty_like(order).scatter_(1, order, torch.cat([kept_position, target], 1))
-    return torch.cat([cls_token, merged], dim=1), kept_index, assignment
+    return torch.cat([cls_token, merged.to(x.dtype)], dim=1), kept_index, assignment
 
 
 class Attention(nn.Module):
@@ -203,10 +206,66 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+DENSE_DEPTHWISE_MAX_CELLS = 576
+"""Largest patch grid (gh * gw cells, 24 x 24: 384 pixels at patch 16) whose fusion convolutions
+run as per-channel matrix products on CUDA: the matrices take C * (gh * gw)^2 elements (29 MB
+in half precision for MTViT-S at 224, 255 MB at 384), the tap placements 58 * (gh * gw)^2."""
+
+
 def depthwise_conv(dim: int, kernel_size: int, dilation: int = 1) -> nn.Conv2d:
     """Depthwise conv with bias that keeps the spatial size."""
     return nn.Conv2d(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2,
                      dilation=dilation, groups=dim)
+
+
+def depthwise_tap_placement(grid: Tuple[int, int], kernel_size: int, dilation: int = 1
+                            ) -> torch.Tensor:
+    """Where each kernel tap lands in the matrix of a zero-padded, size-preserving conv.
+
+    Args:
+        grid: (gh, gw).
+        kernel_size, dilation: of a square kernel (padding ``dilation * (kernel_size - 1) / 2``).
+    Returns:
+        (k * k, P * P) float 0/1, P = gh * gw cells row-major: row t is 1 at [q, p] (flattened)
+        where output cell p reads input cell q through tap t (row-major). A kernel's taps
+        (C, k * k) times this matrix give each channel's transposed conv matrix (C, P, P).
+    """
+    half = dilation * (kernel_size - 1) // 2
+
+    def taps_1d(size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        offset = torch.arange(size)[:, None] - torch.arange(size)[None, :] + half  # (in, out)
+        tap = torch.div(offset, dilation, rounding_mode='floor')
+        return tap, (offset % dilation == 0) & (tap >= 0) & (tap < kernel_size)
+
+    tap_rows, valid_rows = taps_1d(grid[0])
+    tap_cols, valid_cols = taps_1d(grid[1])
+    # Indexed [input row, input col, output row, output col].
+    tap = tap_rows[:, None, :, None] * kernel_size + tap_cols[None, :, None, :]
+    valid = valid_rows[:, None, :, None] & valid_cols[None, :, None, :]
+    taps = kernel_size ** 2
+    tap = torch.where(valid, tap, taps).flatten()
+    return F.one_hot(tap, taps + 1)[:, :taps].t().float()
+
+
+def depthwise_as_matmul(u: torch.Tensor, conv: nn.Conv2d, placement: torch.Tensor
+                        ) -> torch.Tensor:
+    """A depthwise ``conv`` applied to channel-major tokens as one batched matrix product.
+
+    Each channel's convolution over the grid is a (P, P) matrix of that channel's kernel taps,
+    itself a product of the taps with their placements, so that the conv and its gradients
+    are tensor-core products rather than a depthwise kernel, which runs slowly in half
+    precision on CUDA.
+
+    Args:
+        u: (C, B, P) tokens of the grid, channel-major.
+        conv: depthwise nn.Conv2d (C, 1, k, k) with bias.
+        placement: (k * k, P * P) from ``depthwise_tap_placement`` for the conv's kernel.
+    Returns:
+        (C, B, P), the conv of the (B, C, gh, gw) map, laid out like ``u``.
+    """
+    cells = u.shape[2]
+    matrices = (conv.weight.flatten(1) @ placement).view(-1, cells, cells)  # (C, P_in, P_out)
+    return torch.baddbmm(conv.bias[:, None, None], u, matrices)
 
 
 class LargeKernelConv(nn.Module):
@@ -224,26 +283,67 @@ class LargeKernelConv(nn.Module):
 
 
 class ScaleFusion(nn.Module):
-    """Fuses the low- and full-resolution streams into one full-resolution stream (SPEC 1.3)."""
+    """Fuses the low- and full-resolution streams into one full-resolution stream (SPEC 1.3).
 
-    def __init__(self, dim: int):
+    Two implementations of the same function: convolutions on a (B, C, gh, gw) view of the
+    tokens (CPU, and large grids), and per-channel matrix products on channel-major tokens
+    (CUDA, where half-precision depthwise convolutions and their layout transforms cost more
+    than the rest of the front end). ``dense_depthwise`` forces one (None: by device); traced
+    models (FLOP counters, export) always get the convolutions.
+    """
+
+    def __init__(self, dim: int, grid: Tuple[int, int]):
         super().__init__()
+        self.grid = tuple(grid)
         self.lka = LargeKernelConv(dim)
         self.peg = depthwise_conv(dim, 3)
+        self.dense_depthwise: Optional[bool] = None
+        small = large = None
+        if self.grid[0] * self.grid[1] <= DENSE_DEPTHWISE_MAX_CELLS:
+            small = depthwise_tap_placement(self.grid, 3)
+            large = depthwise_tap_placement(self.grid, 7, dilation=2)
+        # Constants of the grid, not weights: kept out of checkpoints.
+        self.register_buffer('placement_3x3', small, persistent=False)
+        self.register_buffer('placement_7x7_dilated', large, persistent=False)
 
-    def forward(self, x_high: torch.Tensor, x_low: torch.Tensor,
-                grid: Tuple[int, int]) -> torch.Tensor:
-        """Args: x_high (B, 1 + gh * gw, C); x_low (B, 1 + gh/2 * gw/2, C); grid (gh, gw).
+    def _use_dense(self, x: torch.Tensor) -> bool:
+        if self.dense_depthwise is not None:
+            return self.dense_depthwise
+        return x.is_cuda and self.placement_3x3 is not None and not torch.jit.is_tracing()
+
+    def forward(self, x_high: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
+        """Args: x_high (B, 1 + gh * gw, C); x_low (B, 1 + gh/2 * gw/2, C).
         Returns (B, 1 + gh * gw, C)."""
-        batch, _, dim = x_high.shape
-        low_grid = (grid[0] // POOL, grid[1] // POOL)
-        to_map = (batch, grid[0], grid[1], dim)
-        u = upsample_patch_grid(x_low[:, 1:], low_grid).reshape(to_map).permute(0, 3, 1, 2)
-        u = u + self.lka(u)
-        u = u + x_high[:, 1:].reshape(to_map).permute(0, 3, 1, 2)
-        u = u + self.peg(u)
+        fuse = self._fuse_dense if self._use_dense(x_high) else self._fuse_conv
         cls_token = x_high[:, :1] + x_low[:, :1]
-        return torch.cat([cls_token, u.flatten(2).transpose(1, 2)], dim=1)
+        return torch.cat([cls_token, fuse(x_high[:, 1:], x_low[:, 1:])], dim=1)
+
+    def _fuse_conv(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), through nn.Conv2d."""
+        batch, _, dim = high.shape
+        low_grid = (self.grid[0] // POOL, self.grid[1] // POOL)
+        to_map = (batch, self.grid[0], self.grid[1], dim)
+        u = upsample_patch_grid(low, low_grid).reshape(to_map).permute(0, 3, 1, 2)
+        u = u + self.lka(u)
+        u = u + high.reshape(to_map).permute(0, 3, 1, 2)
+        u = u + self.peg(u)
+        return u.flatten(2).transpose(1, 2)
+
+    def _fuse_dense(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), as matrix products."""
+        batch, _, dim = high.shape
+        low_h, low_w = self.grid[0] // POOL, self.grid[1] // POOL
+        # Channel-major (C, B, P), upsampled (nearest) in the same copy.
+        u = (low.permute(2, 0, 1).reshape(dim, batch, low_h, 1, low_w, 1)
+             .expand(dim, batch, low_h, POOL, low_w, POOL).reshape(dim, batch, -1))
+        lka = self.lka
+        t = depthwise_as_matmul(u, lka.conv0, self.placement_3x3)
+        t = depthwise_as_matmul(t, lka.conv_spatial, self.placement_7x7_dilated)
+        t = torch.addmm(lka.conv1.bias[:, None], lka.conv1.weight.flatten(1), t.reshape(dim, -1))
+        u = u + t.reshape(dim, batch, -1)
+        u = u + high.permute(2, 0, 1)
+        u = u + depthwise_as_matmul(u, self.peg, self.placement_3x3)
+        return u.permute(1, 2, 0)
 
 
 def _per_block(value, depth: int, name: str) -> list:
@@ -257,7 +357,11 @@ def _per_block(value, depth: int, name: str) -> list:
 
 
 class MTViT(nn.Module):
-    """DeiT with token mergence at ``drop_loc`` and an optional multi-scale front end."""
+    """DeiT with token mergence at ``drop_loc`` and an optional multi-scale front end.
+
+    ``dense_depthwise`` picks how the fusion's depthwise convolutions are computed (same
+    function): None by device (matrix products on CUDA), True or False to force one.
+    """
 
     def __init__(
             self,
@@ -276,6 +380,7 @@ class MTViT(nn.Module):
             base_keep_rate: float = 0.7,
             drop_loc: Sequence[int] = (3, 6, 9),
             multi_scale: bool = False,
+            dense_depthwise: Optional[bool] = None,
     ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -297,7 +402,8 @@ class MTViT(nn.Module):
                 nn.Parameter(torch.zeros(1, num_patches // POOL ** 2 + 1, embed_dim)),
                 nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim)),
             ])
-            self.up = ScaleFusion(embed_dim)
+            self.up = ScaleFusion(embed_dim, self.grid)
+            self.up.dense_depthwise = dense_depthwise
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -361,6 +467,23 @@ class MTViT(nn.Module):
             trunc_normal_(self.head.weight, std=.02)
             nn.init.zeros_(self.head.bias)
 
+    def token_counts(self, keep_rate: Union[float, Sequence[float]]) -> List[Optional[int]]:
+        """The ``tokens`` argument equivalent to ``keep_rate`` at this model's input size.
+
+        Patch tokens each block keeps (its input count where it does not reduce; None for the
+        blocks of the multi-scale front end). ``model(x, tokens=model.token_counts(rate))``
+        equals ``model(x, keep_rate=rate)``; under torch.compile the ints become dynamic sizes,
+        where a float rate would cost one recompilation per value.
+        """
+        keep_rates = _per_block(keep_rate, len(self.blocks), 'keep_rate')
+        first = MULTI_SCALE_BLOCKS if self.multi_scale else 0
+        num_patches = self.grid[0] * self.grid[1]
+        counts: List[Optional[int]] = [None] * first
+        for block, rate in zip(self.blocks[first:], keep_rates[first:]):
+            num_patches = block.num_keep(num_patches, rate)
+            counts.append(num_patches)
+        return counts
+
     def _embed(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + N, C): patch tokens behind the class token, plus positions."""
         x = self.patch_embed(x)
@@ -376,7 +499,7 @@ class MTViT(nn.Module):
         for index, block in enumerate(self.blocks[:MULTI_SCALE_BLOCKS]):
             x_low = block(x_low)[0]
             x_high = block(x_high)[0] if index == 0 else block.forward_pooled(x_high, self.grid)
-        return self.up(x_high, x_low, self.grid)
+        return self.up(x_high, x_low)
 
     def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None
                          ) -> Tuple[torch.Tensor, List[Reduction]]:
@@ -424,58 +547,6 @@ class MTViT(nn.Module):
         x, reductions = self.forward_features(x, keep_rate=keep_rate, tokens=tokens)
         logits = self.head(x[:, 0])
         return (logits, reductions) if get_idx else logits
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resampling of a square grid of position embeddings behind one class-token entry
-    (as DeiT finetunes at a new resolution). (1, 1 + g * g, C) -> (1, 1 + gh * gw, C)."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    side = math.isqrt(patch_pos.shape[1])
-    if side * side != patch_pos.shape[1]:
-        raise ValueError(f'position embedding of {patch_pos.shape[1]} patches is not a square grid')
-    if (side, side) == tuple(grid):
-        return pos_embed
-    dim = patch_pos.shape[2]
-    patch_map = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    patch_map = F.interpolate(patch_map.float(), size=grid, mode='bicubic', align_corners=False)
-    patch_pos = patch_map.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
-    return torch.cat([cls_pos, patch_pos.to(pos_embed.dtype)], dim=1)
-
-
-def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str]]:
-    """Maps a DeiT/timm or MTViT state dict onto ``model`` for finetuning.
-
-    Position embeddings are resampled to the model's grid; a single-scale ``pos_embed`` gives
-    both ``pos_embed_list`` entries of a multi-scale model (and ``pos_embed_list.1`` gives the
-    ``pos_embed`` of a single-scale one); a classifier head of another class count is dropped.
-    Returns the adapted state dict and notes on what was changed.
-    """
-    target = model.state_dict()
-    adapted = dict(state_dict)
-    notes = []
-    source_pos = adapted.pop('pos_embed', None)
-    if source_pos is None:
-        source_pos = adapted.get('pos_embed_list.1')
-    targets = [key for key in ('pos_embed', 'pos_embed_list.0', 'pos_embed_list.1') if key in target]
-    for key in targets:
-        source = adapted.get(key, source_pos) if key != 'pos_embed' else source_pos
-        if source is None:
-            continue
-        full_grid = tuple(model.patch_embed.grid_size)
-        grid = (full_grid if key != 'pos_embed_list.0'
-                else (full_grid[0] // POOL, full_grid[1] // POOL))
-        adapted[key] = resample_pos_embed(source, grid)
-        if adapted[key] is not source:
-            notes.append(f'{key}: resampled {tuple(source.shape)} -> {tuple(adapted[key].shape)}')
-    for key in list(adapted):
-        if key.startswith('pos_embed') and key not in target:
-            del adapted[key]
-    for key in ('head.weight', 'head.bias'):
-        if key in adapted and key in target and adapted[key].shape != target[key].shape:
-            notes.append(f'{key}: dropped, shape {tuple(adapted[key].shape)} differs from the '
-                         f"model's {tuple(target[key].shape)}")
-            del adapted[key]
-    return adapted, notes
 
 
 MTVIT_PRESETS = {

@@ -1,7 +1,12 @@
-"""Repeated-augmentation sampler (Hoffer et al. 2020; Berman et al. 2019) as used by DeiT."""
+"""Which samples each process sees, and with which randomness: DeiT's repeated-augmentation
+sampler (Hoffer et al. 2020; Berman et al. 2019), evaluation shards, and per-sample seeds."""
 import math
 import operator
+import random
+from contextlib import contextmanager
+from typing import Iterator, Tuple
 
+import numpy as np
 import torch
 
 
@@ -85,3 +90,72 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """A 64-bit seed for the sample at ``position`` of ``rank``'s stream in ``epoch``."""
+    words = np.random.SeedSequence([seed % 2 ** 64, epoch, rank, position]).generate_state(2)
+    return int(words[0]) << 32 | int(words[1])
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Pairs every index of ``sampler`` with that sample's random seed (see ``SeededDataset``).
+
+    Each data-loader worker otherwise draws augmentations from its own random stream, seeded
+    when the worker starts: the result then depends on which worker loads a sample and, with
+    persistent workers, on every epoch the worker has served, so that a resumed run would see
+    other augmentations than an uninterrupted one. Seeds drawn from (seed, epoch, rank,
+    position) make the augmentation of every sample a function of its place in the run, with
+    any number of workers, persistent or not, and across a resume.
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler, seed: int, rank: int):
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        """Selects the seeds (and the wrapped sampler's shuffle, if it has epochs) of ``epoch``."""
+        self.epoch = epoch
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for position, index in enumerate(self.sampler):
+            yield index, sample_seed(self.seed, self.epoch, self.rank, position)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+@contextmanager
+def seeded_random_state(seed: int):
+    """Seeds python ``random``, numpy and torch (CPU) for the block, then restores their states,
+    so that the stream of the process around it (Mixup, dropout) is left as it was."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """``dataset`` indexed by the ``(index, seed)`` pairs of a ``SeededSampler``: each sample is
+    loaded and augmented with the random generators seeded by its own seed."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        with seeded_random_state(seed):
+            return self.dataset[index]

@@ -1,29 +1,59 @@
 """Cost of a model: FLOPs per image (the paper's convention) and measured throughput.
 
-As a command it compares models in one process, interleaving their timed runs so that both see
-the same machine state, and prints throughputs and ratios to the first model::
+As a command it compares models in one process, interleaving their timed runs so that all see
+the same machine state, and prints the median throughput of the rounds and ratios to the first
+model::
 
     python speed_test.py deit_small_patch16_224 \\
         deit_small_patch16_shrink_base:multi_scale=true:base_keep_rate=0.7 --mode both
 
+    python speed_test.py --suite gpu --json gpu.json    # the README's GPU table, on any CUDA card
+
 A model is ``name`` or ``name:key=value[:key=value...]`` with JSON values (``true``, ``0.7``,
-``[3,6,9]``), passed to ``timm.create_model``.
+``[3,6,9]``), passed to ``timm.create_model``. ``--amp``, ``--compile``, ``--channels-last``
+and several ``--batch-size`` values (batch 1 gives the latency) select what is measured;
+``--json`` records every figure with the device, the library versions and the settings.
 """
 import argparse
 import json
+import os
+import platform
+import statistics
+import subprocess
 import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Defaults that finish in about a minute on a 2-core CPU; on a GPU those of the original release.
+# Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
+# drifts with its clock: several rounds and their median say more than one long one).
 CPU_DEFAULTS = dict(batch_size=32, iterations=3, warmup=1, repeats=3)
-GPU_DEFAULTS = dict(batch_size=64, iterations=100, warmup=30, repeats=3)
+GPU_DEFAULTS = dict(batch_size=64, iterations=30, warmup=10, repeats=5)
+AMP_DTYPES = {'none': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+GIB = 2 ** 30
+
+DEIT_S = 'deit_small_patch16_224'
+MTVIT_S_MULTI = 'deit_small_patch16_shrink_base:multi_scale=true:base_keep_rate=0.7'
+MTVIT_S_SINGLE = 'deit_small_patch16_shrink_base:base_keep_rate=0.7'
+MTVIT_S_KEEP_1 = 'deit_small_patch16_shrink_base:base_keep_rate=1.0'
+SUITE_MODELS = (DEIT_S, MTVIT_S_MULTI, MTVIT_S_SINGLE, MTVIT_S_KEEP_1)
+# The README's GPU table: (mode, amp, batch sizes, compiled).
+GPU_SUITE = (
+    ('inference', 'fp16', (1, 256, 1024), False),
+    ('inference', 'none', (256,), False),
+    ('train', 'bf16', (256,), False),
+    ('train', 'fp16', (128,), False),
+    ('inference', 'fp16', (256,), True),
+    ('train', 'bf16', (256,), True),
+)
+SUITES = {'gpu': (False, True), 'gpu-eager': (False,), 'gpu-compiled': (True,)}
+# Compile time is measured for these, each in a fresh process.
+COMPILE_TIME_MODELS = (DEIT_S, MTVIT_S_MULTI)
 
 
 def _sdpa_flop_handle(inputs, outputs) -> int:
@@ -79,33 +109,46 @@ class _Timed:
     images_per_step: int
 
 
-def _inference_step(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def _inference_step(model: nn.Module, images: torch.Tensor,
+                    amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
     model.eval()
 
     def step():
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(images.device, amp_dtype):
             model(images)
     return step
 
 
-def _training_step(model: nn.Module, images: torch.Tensor, num_classes: int) -> Callable[[], None]:
+def _training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
+                   amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """Forward and backward (no optimizer), as a training step spends its time."""
     model.train()
     labels = torch.randint(num_classes, (images.shape[0],), device=images.device)
 
     def step():
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with _autocast(images.device, amp_dtype):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
     return step
 
 
 def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: int,
-                     warmup: int, repeats: int) -> Dict[str, List[float]]:
+                     warmup: int, repeats: int,
+                     peak_memory: Optional[Dict[str, float]] = None) -> Dict[str, List[float]]:
     """Throughput (images/s) of each entry, ``repeats`` times. Every round times each entry once
     (``iterations`` steps, after ``warmup`` untimed steps in the first round), so that slow
     drifts of the machine affect all entries alike. With several entries, each timing is
     preceded by one untimed step and every other round runs them in reverse order: an entry
     timed right after another one otherwise pays for the caches and allocator state that one
     left behind, which biases the ratios by several percent. Returns name -> one value per round.
+
+    ``peak_memory`` (CUDA only), when given, receives name -> the most device memory (bytes)
+    one step held above what was allocated before it (the resident weights).
     """
     for entry in timed:
         for _ in range(warmup):
@@ -124,17 +167,58 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
             synchronize(device)
             elapsed = time.perf_counter() - start
             results[entry.name].append(entry.images_per_step * iterations / elapsed)
+    if peak_memory is not None and device.type == 'cuda':
+        for entry in timed:
+            synchronize(device)
+            resident = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            entry.step()
+            synchronize(device)
+            peak_memory[entry.name] = torch.cuda.max_memory_allocated(device) - resident
     return results
 
 
 def measure_throughput(model: nn.Module, input_size: int, device: torch.device,
                        batch_size: int, iterations: int, warmup: int, repeats: int,
-                       in_chans: int = 3) -> List[float]:
+                       in_chans: int = 3, amp_dtype: Optional[torch.dtype] = None) -> List[float]:
     """Inference throughput (images/s) of ``model`` on random (B, 3, H, W) input, in eval mode
-    without gradients, one value per repeat (each of ``iterations`` batches, after ``warmup``)."""
+    without gradients (under autocast to ``amp_dtype`` if given), one value per repeat (each of
+    ``iterations`` batches, after ``warmup``)."""
     images = torch.randn(batch_size, in_chans, input_size, input_size, device=device)
-    timed = [_Timed('model', _inference_step(model, images), batch_size)]
+    timed = [_Timed('model', _inference_step(model, images, amp_dtype), batch_size)]
     return time_interleaved(timed, device, iterations, warmup, repeats)['model']
+
+
+def report_flops(model: nn.Module, input_size: int, device: torch.device):
+    """Prints FLOPs per image (fvcore, the paper's convention) and torchprofile's MACs."""
+    flops = count_flops(model, input_size, device)
+    macs = count_macs(model, input_size, device)
+    print(f'FLOPs: {flops / 1e9:.3f} G per image at {input_size}x{input_size} (fvcore); '
+          f'torchprofile: {macs / 1e9:.3f} G MACs')
+
+
+def report_throughput(model: nn.Module, input_size: int, device: torch.device, label: str,
+                      batch_size: Optional[int] = None, iterations: Optional[int] = None,
+                      amp_dtype: Optional[torch.dtype] = None, note: str = '',
+                      log_path: Optional[str] = None) -> float:
+    """Measures inference throughput (``measure_throughput``; batch and iterations default to
+    the device's), prints it as ``main.py --test_speed`` does and appends the line to
+    ``log_path`` if given. Returns the median images/s."""
+    defaults = CPU_DEFAULTS if device.type == 'cpu' else GPU_DEFAULTS
+    batch_size = batch_size or defaults['batch_size']
+    runs = measure_throughput(model, input_size, device, batch_size=batch_size,
+                              iterations=iterations or defaults['iterations'],
+                              warmup=defaults['warmup'], repeats=defaults['repeats'],
+                              amp_dtype=amp_dtype)
+    median = statistics.median(runs)
+    precision = 'fp32' if amp_dtype is None else f'amp {str(amp_dtype).replace("torch.", "")}'
+    line = (f'{label} input {input_size} batch {batch_size} on {device} ({precision}): '
+            f'{median:.1f} images/s (median of {", ".join(f"{run:.1f}" for run in runs)}); {note}')
+    print(f'throughput: {line}')
+    if log_path:
+        with open(log_path, 'a') as handle:
+            handle.write(line + '\n')
+    return median
 
 
 def parse_model_spec(spec: str) -> Tuple[str, dict]:
@@ -153,71 +237,220 @@ def parse_model_spec(spec: str) -> Tuple[str, dict]:
     return name, kwargs
 
 
+def environment(device: torch.device) -> dict:
+    """What a figure depends on besides the settings: device and library versions."""
+    import timm
+    info = {'device': str(device), 'torch': torch.__version__, 'timm': timm.__version__,
+            'python': platform.python_version(), 'processor': platform.processor() or
+            platform.machine(), 'cpu_threads': torch.get_num_threads()}
+    if device.type == 'cuda':
+        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Compare the cost of models in one process', add_help=True)
-    parser.add_argument('models', nargs='+', help='name[:key=value...]; ratios are to the first')
+    parser.add_argument('models', nargs='*', help='name[:key=value...]; ratios are to the first')
+    parser.add_argument('--suite', choices=tuple(SUITES), default=None,
+                        help='gpu: DeiT-S and the MTViT-S variants over the README\'s GPU table '
+                             '(eager and compiled, latency, memory, compile time); gpu-eager '
+                             'and gpu-compiled: its two halves')
     parser.add_argument('--mode', choices=('inference', 'train', 'both'), default='inference')
+    parser.add_argument('--amp', choices=tuple(AMP_DTYPES), default='none',
+                        help='autocast dtype (default none: float32)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='models and images in channels-last memory format')
     parser.add_argument('--input-size', type=int, default=224)
     parser.add_argument('--num-classes', type=int, default=1000)
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--batch-size', type=int, default=None,
-                        help=f'default {CPU_DEFAULTS["batch_size"]} on CPU, '
-                             f'{GPU_DEFAULTS["batch_size"]} on GPU')
+    parser.add_argument('--batch-size', type=int, nargs='+', default=None,
+                        help=f'one or more (1 gives the latency); default '
+                             f'{CPU_DEFAULTS["batch_size"]} on CPU, {GPU_DEFAULTS["batch_size"]} on GPU')
     parser.add_argument('--iterations', type=int, default=None, help='timed batches per round')
     parser.add_argument('--warmup', type=int, default=None, help='untimed batches first')
-    parser.add_argument('--repeats', type=int, default=None, help='rounds; the best is reported')
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='rounds; the median is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
+    parser.add_argument('--json', default=None, help='write every figure and setting here')
     return parser
 
 
-def main(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
-    """Runs the comparison; returns {mode: {model spec: best images/s}}."""
+def _build_models(specs: Sequence[str], args, device: torch.device) -> Dict[str, nn.Module]:
     import timm
     import models_mtvit  # noqa: F401  registers the MTViT models with timm
+    models = {}
+    for spec in specs:
+        name, kwargs = parse_model_spec(spec)
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=args.num_classes, img_size=args.input_size,
+                                  **kwargs).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[spec] = model
+    return models
 
+
+def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
+            device: torch.device, settings: dict, compiled: bool = False) -> List[dict]:
+    """Times ``models`` interleaved in one ``mode`` and batch size; returns one record each
+    (median images/s, every round, ratio to the first model, latency, peak memory)."""
+    amp_dtype = AMP_DTYPES[args.amp]
+    images = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    timed, compile_seconds, compile_phases = [], {}, None
+    for spec, model in models.items():
+        step = (_inference_step(model, images, amp_dtype) if mode == 'inference'
+                else _training_step(model, images, args.num_classes, amp_dtype))
+        if compiled:  # the first step compiles: timed alone, it is the compile time
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            compile_seconds[spec] = time.perf_counter() - start
+            if len(models) == 1:  # where a lone compilation spent its time
+                from torch._dynamo.utils import compile_times
+                compile_phases = compile_times(repr='str', aggregate=True)
+        timed.append(_Timed(spec, step, batch_size))
+    peak = {}
+    results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
+                               settings['repeats'], peak_memory=peak if mode == 'train' else None)
+    medians = {spec: statistics.median(values) for spec, values in results.items()}
+    reference = medians[next(iter(models))]
+    records = []
+    for spec, values in results.items():
+        record = dict(model=spec, mode=mode, amp=args.amp, batch_size=batch_size,
+                      compiled=compiled, channels_last=args.channels_last,
+                      input_size=args.input_size, images_per_s=medians[spec],
+                      rounds=values, ratio=medians[spec] / reference,
+                      iterations=settings['iterations'], repeats=settings['repeats'])
+        if batch_size == 1:
+            record['latency_ms'] = 1000. / medians[spec]
+        if spec in peak:
+            record['peak_memory_gib'] = peak[spec] / GIB
+        if spec in compile_seconds:
+            record['first_step_s'] = compile_seconds[spec]
+        if compile_phases:
+            record['compile_phases'] = compile_phases
+        records.append(record)
+    return records
+
+
+def print_records(records: Sequence[dict], device: torch.device):
+    first = records[0]
+    print(f'{first["mode"]} ({device.type}, amp {first["amp"]}, batch {first["batch_size"]}'
+          f'{", compiled" if first["compiled"] else ""}'
+          f'{", channels-last" if first["channels_last"] else ""}, {first["iterations"]} '
+          f'iterations x {first["repeats"]} rounds, median):')
+    for record in records:
+        runs = ', '.join(f'{value:.1f}' for value in record['rounds'])
+        extra = ''
+        if 'latency_ms' in record:
+            extra += f'  latency {record["latency_ms"]:.2f} ms'
+        if 'peak_memory_gib' in record:
+            extra += f'  peak memory {record["peak_memory_gib"]:.2f} GiB'
+        if 'first_step_s' in record:
+            extra += f'  first (compiling) step {record["first_step_s"]:.1f} s'
+        print(f'  {record["model"]}: {record["images_per_s"]:.1f} images/s [{runs}]  '
+              f'ratio {record["ratio"]:.3f}{extra}', flush=True)
+
+
+def _write_json(path: Optional[str], device: torch.device, records: List[dict]):
+    if path:
+        with open(path, 'w') as handle:
+            json.dump({'environment': environment(device), 'records': records}, handle, indent=1)
+
+
+def measure_compile_time(spec: str, args, device: torch.device) -> float:
+    """Seconds to compile ``spec`` and run its first fp16 inference batch, in a fresh process
+    (a process's first compilation also pays for starting the compiler: each model alike)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'compile.json')
+        command = [sys.executable, os.path.abspath(__file__), spec, '--compile', '--amp', 'fp16',
+                   '--device', str(device), '--batch-size', '256', '--iterations', '1',
+                   '--warmup', '0', '--repeats', '1', '--input-size', str(args.input_size),
+                   '--json', path]
+        # Empty compiler caches: nothing compiled by an earlier model or run is reused.
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, 'inductor'),
+                   TRITON_CACHE_DIR=os.path.join(folder, 'triton'))
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+        with open(path) as handle:
+            return json.load(handle)['records'][0]['first_step_s']
+
+
+def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
+    """The README's GPU table: with the compiled rows, the compile times; then the GPU_SUITE
+    rows of ``--suite`` for SUITE_MODELS (the first three when compiled)."""
+    records = []
+    parts = SUITES[args.suite]
+    # Compile times first: each in a fresh process, before this one has compiled anything.
+    for spec in COMPILE_TIME_MODELS if True in parts else ():
+        seconds = measure_compile_time(spec, args, device)
+        print(f'compile time (fresh process, fp16 inference, first batch): {spec}: {seconds:.1f} s',
+              flush=True)
+        records.append(dict(model=spec, mode='compile', amp='fp16', compile_s=seconds))
+        _write_json(args.json, device, records)
+    for mode, amp, batch_sizes, compiled in GPU_SUITE:
+        if compiled not in parts:
+            continue
+        args.amp = amp
+        specs = SUITE_MODELS if not compiled else SUITE_MODELS[:3]
+        models = _build_models(specs, args, device)
+        if compiled:
+            models = {spec: torch.compile(model) for spec, model in models.items()}
+        for batch_size in batch_sizes:
+            rows = compare(models, mode, batch_size, args, device, settings, compiled)
+            print_records(rows, device)
+            records += rows
+            _write_json(args.json, device, records)
+        del models
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return records
+
+
+def main(args: argparse.Namespace) -> List[dict]:
+    """Runs the comparison (or the suite); returns its records, as ``--json`` writes them."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     defaults = CPU_DEFAULTS if device.type == 'cpu' else GPU_DEFAULTS
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
-                for key, value in defaults.items()}
-    models = {}
-    for spec in args.models:
-        name, kwargs = parse_model_spec(spec)
-        torch.manual_seed(0)
-        models[spec] = timm.create_model(name, num_classes=args.num_classes,
-                                         img_size=args.input_size, **kwargs).to(device)
+                for key, value in defaults.items() if key != 'batch_size'}
+    if args.suite:
+        return run_suite(args, device, settings)
+    if not args.models:
+        raise ValueError('name at least one model, or --suite gpu')
+    models = _build_models(args.models, args, device)
     if args.flops:
         for spec, model in models.items():
             print(f'{spec}: {count_flops(model, args.input_size, device) / 1e9:.3f} GFLOPs '
                   f'(fvcore), {count_macs(model, args.input_size, device) / 1e9:.3f} GMACs '
                   f'(torchprofile)')
-    images = torch.randn(settings['batch_size'], 3, args.input_size, args.input_size,
-                         device=device)
+    if args.compile:
+        models = {spec: torch.compile(model) for spec, model in models.items()}
+    batch_sizes = args.batch_size or [defaults['batch_size']]
     modes = ('inference', 'train') if args.mode == 'both' else (args.mode,)
-    best = {}
+    records = []
     for mode in modes:
-        timed = [_Timed(spec, _inference_step(model, images) if mode == 'inference'
-                        else _training_step(model, images, args.num_classes),
-                        settings['batch_size']) for spec, model in models.items()]
-        results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
-                                   settings['repeats'])
-        best[mode] = {spec: max(values) for spec, values in results.items()}
-        reference = best[mode][args.models[0]]
-        print(f'{mode} ({device.type}, batch {settings["batch_size"]}, '
-              f'{settings["iterations"]} iterations x {settings["repeats"]} rounds, best):')
-        for spec, values in results.items():
-            runs = ', '.join(f'{value:.1f}' for value in values)
-            print(f'  {spec}: {best[mode][spec]:.1f} images/s [{runs}]  '
-                  f'ratio {best[mode][spec] / reference:.3f}')
-    return best
+        for batch_size in batch_sizes:
+            rows = compare(models, mode, batch_size, args, device, settings, args.compile)
+            print_records(rows, device)
+            records += rows
+    _write_json(args.json, device, records)
+    return records
 
 
 if __name__ == '__main__':
     cli_args = get_args_parser().parse_args()
     try:
         main(cli_args)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         print(f'speed_test.py: error: {error}', file=sys.stderr)
         sys.exit(2)

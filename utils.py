@@ -1,23 +1,19 @@
 """Utilities shared by the MTViT training scripts.
 
-Distributed helpers (usable with or without a process group), progress logging,
-crash-safe checkpoint files, loading checkpoints without executing code, and
-random-number-generator state that survives a ``weights_only`` round trip.
+Distributed helpers (usable with or without a process group), progress logging, the
+non-finite loss check, and random-number-generator state that survives a ``weights_only``
+round trip. Checkpoint files are in ``checkpoints.py``.
 """
-import argparse
 import builtins
 import datetime
 import math
 import os
-import pickle
 import random
-import re
 import time
-import uuid
 import warnings
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -193,6 +189,13 @@ def cleanup() -> None:
     _restore_print()
 
 
+def _all_reduce(tensor: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
+    result = tensor.detach().clone()
+    if is_dist_initialized():
+        dist.all_reduce(result, op=op)
+    return result
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes.
 
@@ -203,10 +206,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         A new tensor of the same shape holding the sum (a copy of the input without a
         process group). The input is left unchanged.
     """
-    result = tensor.detach().clone()
-    if is_dist_initialized():
-        dist.all_reduce(result, op=dist.ReduceOp.SUM)
-    return result
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum over all processes; otherwise as ``all_reduce_sum``."""
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
 
 
 def all_gather_object(obj: Any) -> list:
@@ -410,229 +415,35 @@ def check_finite(loss_value: Union[float, torch.Tensor], epoch: int, iteration: 
             f"loss is {value} at epoch {epoch} iteration {iteration}, stopping training")
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------
-
-class CheckpointError(Exception):
-    """A checkpoint file is missing, unreadable, or unsafe to load."""
+_NON_FINITE_KINDS = (math.nan, math.inf, -math.inf)
 
 
-def _fsync_directory(directory: str) -> None:
-    """Persist a rename; some platforms (Windows) cannot open directories, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def check_finite_losses(losses: torch.Tensor, epoch: int, first_iteration: int) -> List[float]:
+    """Check a run of per-step losses at once, on every process alike.
 
-
-def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """Write ``obj`` with torch.save so that ``path`` is never left half-written.
-
-    Only the main process writes. The data goes to a temporary file in the same
-    directory, is flushed and fsynced, then renamed over ``path`` (atomic on POSIX and
-    Windows), and the directory is fsynced so the rename survives a power loss. Until the
-    rename, any previous file at ``path`` stays intact; on any exception the temporary
-    file is removed and the exception re-raised.
-    """
-    if not is_main_process():
-        return
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory,
-                            f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-    _remove_stale_temporaries(directory, os.path.basename(path))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Delete temporary files of ``name`` left by writers killed mid-save.
-
-    A SIGKILL or power cut during ``save_checkpoint_atomic`` leaves the checkpoint intact but
-    its half-written temporary behind, a checkpoint's worth of disk each time. After a
-    successful save, temporaries whose writer (the pid in their name) is no longer running on
-    this host are removed, and so are this pid's own (a pid reused after a restart: this
-    process saves synchronously, so none of its own is in progress). Skipped on Windows,
-    where probing a pid with os.kill would terminate it.
-    """
-    if os.name == "nt":
-        return
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        try:
-            os.remove(os.path.join(directory, entry))
-        except OSError:
-            pass
-
-
-def namespace_to_dict(namespace: argparse.Namespace) -> Dict[str, Any]:
-    """Convert an argparse.Namespace (nested ones included) to a plain dict."""
-    return {key: namespace_to_dict(value) if isinstance(value, argparse.Namespace) else value
-            for key, value in vars(namespace).items()}
-
-
-_GLOBAL_IN_ERROR = re.compile(r"GLOBAL (\S+) (?:was|whose)")
-
-
-def _unsafe_global(path: str, error: Exception) -> Optional[str]:
-    """Name the global that made the weights-only unpickler refuse ``path``, if any."""
-    match = _GLOBAL_IN_ERROR.search(str(error))
-    if match:
-        return match.group(1)
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint: a plain pickle or torch's legacy format
-        names = _unsafe_pickle_globals(path)
-    names = [name for name in names if name != "argparse.Namespace"]
-    return ", ".join(names) if names else None
-
-
-_PICKLE_STRING_OPS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
-                      "SHORT_BINUNICODE", "BINUNICODE8")
-_PICKLE_PUT_OPS = ("PUT", "BINPUT", "LONG_BINPUT")
-_PICKLE_GET_OPS = ("GET", "BINGET", "LONG_BINGET")
-_MAX_SCANNED_PICKLES = 5  # torch's legacy format: magic, protocol, sys info, object, keys
-
-
-def _unsafe_pickle_globals(path: str) -> list:
-    """Globals outside torch's weights-only allow-list that a plain (or legacy-format) pickle
-    file names, found by reading its opcodes with pickletools, which never executes them.
-
-    Only used to word the refusal: torch's weights-only unpickler has already refused the file
-    (for protocol 4 and 5 pickles, at the FRAME opcode, before it reaches any global).
-    """
-    import pickletools
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        allowed = set(_get_allowed_globals())
-    except Exception:  # a private helper: without it, report every global
-        allowed = set()
-    names = []
-    try:
-        with open(path, "rb") as handle:
-            for _ in range(_MAX_SCANNED_PICKLES):
-                strings, memo, last_string = [], {}, None
-                for opcode, arg, _ in pickletools.genops(handle):
-                    if opcode.name in ("GLOBAL", "INST"):
-                        names.append(arg.replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        names.append(f"{strings[-2]}.{strings[-1]}")
-                    if opcode.name in _PICKLE_STRING_OPS:
-                        strings.append(arg)
-                    elif opcode.name == "MEMOIZE":
-                        memo[len(memo)] = last_string
-                    elif opcode.name in _PICKLE_PUT_OPS:
-                        memo[arg] = last_string
-                    elif opcode.name in _PICKLE_GET_OPS and memo.get(arg) is not None:
-                        strings.append(memo[arg])
-                    last_string = arg if opcode.name in _PICKLE_STRING_OPS else None
-    except Exception:  # the end of the pickles, raw tensor data, or a damaged file
-        pass
-    return list(dict.fromkeys(name for name in names if name not in allowed))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def _safetensors_device(map_location: Any) -> str:
-    if isinstance(map_location, (str, torch.device)):
-        return str(map_location)
-    # Callables and remapping dicts have no safetensors equivalent.
-    return "cpu"
-
-
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
-    """Load a checkpoint without executing code from the file.
-
-    ``.pth``-style files are read with ``torch.load(weights_only=True)``; the only extra
-    type allowed is argparse.Namespace (the original release stored ``args`` that way),
-    and such an ``args`` entry is returned as a plain dict. ``.safetensors`` files are
-    returned as ``{'model': state_dict}``.
+    The losses of several steps stay on the device until this call, so that training does not
+    wait for the device at every step. The earliest non-finite loss over all processes stops
+    every process with the same NonFiniteLossError.
 
     Args:
-        path: checkpoint file.
-        map_location: as for torch.load.
-
-    Raises:
-        CheckpointError: the file is missing, truncated or corrupt, or needs a global
-            outside the allow-list (the pickle is never executed).
+        losses: (S,) losses of iterations ``first_iteration .. first_iteration + S - 1``.
+    Returns:
+        The losses as Python floats (when all are finite).
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return {"model": load_file(path, device=_safetensors_device(map_location))}
-        except Exception as error:  # any failure means an unusable file
-            raise CheckpointError(f"{path} is not a readable safetensors file "
-                                  f"(truncated or corrupt?): {_first_line(error)}") from None
-
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # torch warns (on stderr) about protocol-4 pickles, which it then refuses anyway.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        name = _unsafe_global(path, error)
-        if name is not None:
-            raise CheckpointError(f"refusing to load {path}: it needs code outside the safe "
-                                  f"allow-list ({name})") from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"(truncated or corrupt?): {_first_line(error)}") from None
-    except Exception as error:  # torch raises many types for bad files
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"(truncated or corrupt?): {_first_line(error)}") from None
-
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):
-        checkpoint["args"] = namespace_to_dict(checkpoint["args"])
-    return checkpoint
+    values = losses.double().tolist()
+    # One integer per process: iteration * 3 + kind of the first bad value, or a sentinel.
+    code = len(values) * len(_NON_FINITE_KINDS)
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            kind = 0 if math.isnan(value) else (1 if value > 0 else 2)
+            code = offset * len(_NON_FINITE_KINDS) + kind
+            break
+    if is_dist_initialized():
+        code = int(all_reduce_min(torch.tensor([code], device=losses.device)).item())
+    if code < len(values) * len(_NON_FINITE_KINDS):
+        offset, kind = divmod(code, len(_NON_FINITE_KINDS))
+        check_finite(_NON_FINITE_KINDS[kind], epoch, first_iteration + offset)
+    return values
 
 
 def get_rng_state() -> Dict[str, Any]:

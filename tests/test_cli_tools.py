@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import main  # noqa: E402
 import models_mtvit  # noqa: E402,F401  (registers the MTViT models with timm)
-from utils import save_checkpoint_atomic  # noqa: E402
+from checkpoints import save_checkpoint_atomic  # noqa: E402
 
 FLOPS_LINE = re.compile(r'^FLOPs: (?P<flops>\d+\.\d+) G per image at (?P<size>\d+)x(?P=size) '
                         r'\(fvcore\); torchprofile: (?P<macs>\d+\.\d+) G MACs$', re.MULTILINE)
@@ -86,7 +86,7 @@ def test_deit_small_flops_and_only_test_speed(tmp_path, capsys):
     assert len(lines) == 1
     n_parameters = sum(p.numel() for p in timm.create_model(
         'deit_small_patch16_224', num_classes=main.DEFAULT_NUM_CLASSES).parameters())
-    match = re.fullmatch(r'deit_small_patch16_224 .*input 224 batch 1 on cpu: '
+    match = re.fullmatch(r'deit_small_patch16_224 .*input 224 batch 1 on cpu \(fp32\): '
                          r'(?P<speed>\d+\.\d) images/s .*; (?P<params>\d+\.\d\d) M parameters',
                          lines[0])
     assert match, lines[0]
@@ -198,15 +198,15 @@ def test_speed_test_compares_models():
     result = run_speed_test(*specs, '--input-size', '64', '--batch-size', '2',
                             '--iterations', '1', '--repeats', '1', '--warmup', '0')
     assert result.returncode == 0, result.stderr
-    assert re.search(r'^inference \(cpu, batch 2, 1 iterations x 1 rounds, best\):$',
+    assert re.search(r'^inference \(cpu, amp none, batch 2, 1 iterations x 1 rounds, median\):$',
                      result.stdout, re.MULTILINE), result.stdout
     ratios = {}
     for spec in specs:
         lines = re.findall(rf'^  {re.escape(spec)}: (\d+\.\d) images/s \[(\d+\.\d)\]  '
                            rf'ratio (\d+\.\d+)$', result.stdout, re.MULTILINE)
         assert len(lines) == 1, result.stdout
-        best, (run,), ratio = float(lines[0][0]), [float(lines[0][1])], float(lines[0][2])
-        assert best == run > 0  # one round: the best is that round
+        median, (run,), ratio = float(lines[0][0]), [float(lines[0][1])], float(lines[0][2])
+        assert median == run > 0  # one round: the median is that round
         ratios[spec] = ratio
     assert ratios[specs[0]] == 1.0  # ratios are to the first model
     assert ratios[specs[1]] > 0

@@ -36,7 +36,7 @@ if ROOT not in sys.path:
 
 import models_mtvit  # noqa: E402  (registers the MTViT models with timm)
 from datasets import digits_split  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 
 TINY = ['--model', 'deit_tiny_patch16_shrink_base', '--input-size', '32', '--batch-size', '32',
         '--num_workers', '0', '--device', 'cpu']

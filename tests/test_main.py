@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import main as mtvit_main  # noqa: E402
 import models_mtvit  # noqa: E402,F401  (registers the models with timm)
 from engine import keep_rate_at  # noqa: E402
-from utils import CheckpointError  # noqa: E402
+import checkpoints  # noqa: E402
+from checkpoints import CheckpointError  # noqa: E402
 
 RUN_TIMEOUT_S = 900
 DIGITS_VAL = 359
@@ -281,7 +282,7 @@ def test_finetune_start_state_from_deit(deit_tiny_checkpoints, fmt):
     source, pth, safetensors = deit_tiny_checkpoints
     model = mtvit_tiny_multi_scale_64()
     fresh = {key: value.clone() for key, value in model.state_dict().items()}
-    mtvit_main.finetune_from(model, str(pth if fmt == 'pth' else safetensors))
+    checkpoints.finetune_from(model, str(pth if fmt == 'pth' else safetensors))
     loaded = model.state_dict()
 
     backbone = [key for key in source if key.startswith(('blocks.', 'patch_embed.', 'norm.'))
@@ -307,11 +308,11 @@ def test_finetune_refuses_checkpoint_without_backbone(deit_tiny_checkpoints, tmp
     path = tmp_path / 'partial.pth'
     torch.save({'model': partial}, path)
     with pytest.raises(CheckpointError, match='blocks.5.mlp.fc1.weight'):
-        mtvit_main.finetune_from(mtvit_tiny_multi_scale_64(), str(path))
+        checkpoints.finetune_from(mtvit_tiny_multi_scale_64(), str(path))
     head_only = tmp_path / 'head_only.pth'
     torch.save({'model': {'head.weight': source['head.weight']}}, head_only)
     with pytest.raises(CheckpointError):
-        mtvit_main.finetune_from(mtvit_tiny_multi_scale_64(), str(head_only))
+        checkpoints.finetune_from(mtvit_tiny_multi_scale_64(), str(head_only))
 
 
 def test_finetune_one_epoch_keeps_deit_weights(deit_tiny_checkpoints, tmp_path):

@@ -897,9 +897,7 @@ def test_flops(name, kwargs, expected):
 # ---------------------------------------------------------------------------------------------
 
 def test_deit_state_dict_maps_onto_multi_scale():
-    adapt = getattr(models_mtvit, 'adapt_state_dict', None)
-    if adapt is None:
-        pytest.skip('models_mtvit.adapt_state_dict does not exist')
+    from checkpoints import adapt_state_dict as adapt
     torch.manual_seed(0)
     deit = timm.create_model('deit_tiny_patch16_224', pretrained=False, img_size=128, depth=4,
                              embed_dim=32, num_heads=2, num_classes=5)

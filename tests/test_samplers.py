@@ -1,15 +1,17 @@
-"""Tests for samplers.RASampler."""
+"""Tests for samplers: RASampler, and the per-sample seeds of the training loader."""
 import math
+import random
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samplers import RASampler  # noqa: E402
+from samplers import RASampler, SeededDataset, SeededSampler, sample_seed  # noqa: E402
 
 DATASET_SIZES = (1, 7, 100, 255, 256, 1000)
 REPLICA_COUNTS = (1, 2, 3, 8)
@@ -126,3 +128,66 @@ def test_works_with_a_dataloader():
 def test_invalid_arguments_raise_value_error(arguments, message):
     with pytest.raises(ValueError, match=message):
         RASampler(**arguments)
+
+
+# --- per-sample seeds -------------------------------------------------------------------------
+
+class _RandomValues(torch.utils.data.Dataset):
+    """Each item draws from python random, numpy and torch: what an augmentation does."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return index, random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def _draws(num_workers, persistent, epochs=(0, 1), seed=5):
+    sampler = SeededSampler(RASampler(12, num_replicas=1, rank=0, seed=seed), seed=seed, rank=0)
+    loader = torch.utils.data.DataLoader(SeededDataset(_RandomValues()), sampler=sampler,
+                                         batch_size=4, num_workers=num_workers,
+                                         persistent_workers=persistent)
+    draws = {}
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        draws[epoch] = [column.tolist() for batch in loader for column in batch]
+    return draws
+
+
+def test_seeded_samples_do_not_depend_on_workers_or_their_history():
+    in_process = _draws(num_workers=0, persistent=False)
+    assert _draws(num_workers=2, persistent=True) == in_process
+    # A resumed run starts at epoch 1 with fresh workers: the same draws as the long-lived ones.
+    assert _draws(num_workers=2, persistent=True, epochs=(1,))[1] == in_process[1]
+    assert in_process[0] != in_process[1]  # other epoch, other shuffle and other draws
+
+
+def test_sample_seeds_differ_by_position_epoch_rank_and_seed():
+    seeds = {sample_seed(seed, epoch, rank, position)
+             for seed in (0, 1) for epoch in (0, 1) for rank in (0, 1) for position in range(8)}
+    assert len(seeds) == 2 * 2 * 2 * 8
+    assert sample_seed(3, 2, 1, 7) == sample_seed(3, 2, 1, 7)
+    assert 0 <= sample_seed(-1, 0, 0, 0) < 2 ** 64
+
+
+def test_seeded_dataset_leaves_the_callers_random_streams_alone():
+    dataset = SeededDataset(_RandomValues())
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    first = dataset[(3, 123)]
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+    assert dataset[(3, 123)] == first  # the seed decides the draws
+    assert dataset[(3, 124)][1:] != first[1:]
+
+
+def test_seeded_sampler_forwards_the_epoch():
+    inner = RASampler(10, num_replicas=2, rank=1, seed=0)
+    sampler = SeededSampler(inner, seed=0, rank=1)
+    sampler.set_epoch(4)
+    assert inner.epoch == 4 and len(sampler) == len(inner)
+    assert [index for index, _ in sampler] == list(inner)

@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Plain `pytest` (unlike `python -m pytest`) does not put the repository on sys.path.
 sys.path.insert(0, str(REPO_ROOT))
 
+import checkpoints  # noqa: E402
 import utils  # noqa: E402
 
 DIST_TIMEOUT_S = 90
@@ -214,9 +215,9 @@ def test_metric_logger_log_every_prints_progress(capsys):
 
 def test_save_checkpoint_atomic_roundtrip(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint_atomic({"epoch": 1, "w": torch.arange(4.0)}, path)
-    utils.save_checkpoint_atomic({"epoch": 2, "w": torch.arange(3.0)}, path)
-    loaded = utils.load_checkpoint(path)
+    checkpoints.save_checkpoint_atomic({"epoch": 1, "w": torch.arange(4.0)}, path)
+    checkpoints.save_checkpoint_atomic({"epoch": 2, "w": torch.arange(3.0)}, path)
+    loaded = checkpoints.load_checkpoint(path)
     assert loaded["epoch"] == 2
     assert torch.equal(loaded["w"], torch.arange(3.0))
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
@@ -225,7 +226,7 @@ def test_save_checkpoint_atomic_roundtrip(tmp_path):
 @pytest.mark.parametrize("exception", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, exception):
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint_atomic({"epoch": 7, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint_atomic({"epoch": 7, "w": torch.ones(3)}, path)
 
     def crashing_save(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 partial checkpoint bytes")
@@ -233,18 +234,18 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, exce
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(type(exception)):
-        utils.save_checkpoint_atomic({"epoch": 8, "w": torch.zeros(3)}, path)
+        checkpoints.save_checkpoint_atomic({"epoch": 8, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
 
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
-    loaded = utils.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     assert loaded["epoch"] == 7
     assert torch.equal(loaded["w"], torch.ones(3))
 
 
 def test_save_checkpoint_only_on_main_process(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "get_rank", lambda: 1)
-    utils.save_checkpoint_atomic({"epoch": 1}, tmp_path / "checkpoint.pth")
+    checkpoints.save_checkpoint_atomic({"epoch": 1}, tmp_path / "checkpoint.pth")
     assert os.listdir(tmp_path) == []
 
 
@@ -253,7 +254,7 @@ def test_load_checkpoint_with_namespace_args(tmp_path):
     args = argparse.Namespace(model="deit_small_patch16_shrink_base", lr=5e-4,
                               drop_loc="(3, 6, 9)", input_size=224, multi_scale=False)
     torch.save({"model": {"w": torch.ones(2)}, "epoch": 299, "args": args}, path)
-    loaded = utils.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     assert loaded["args"] == {"model": "deit_small_patch16_shrink_base", "lr": 5e-4,
                               "drop_loc": "(3, 6, 9)", "input_size": 224,
                               "multi_scale": False}
@@ -267,8 +268,8 @@ def test_load_truncated_checkpoint(tmp_path):
     torch.save({"model": {"w": torch.randn(64, 64)}}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(utils.CheckpointError) as info:
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load_checkpoint(path)
     message = str(info.value)
     assert message.startswith(f"{path} is not a readable PyTorch checkpoint "
                               "(truncated or corrupt?): ")
@@ -279,8 +280,8 @@ def test_load_truncated_checkpoint(tmp_path):
 def test_load_garbage_file(tmp_path, content):
     path = tmp_path / "garbage.pth"
     path.write_bytes(content)
-    with pytest.raises(utils.CheckpointError, match="is not a readable PyTorch checkpoint"):
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match="is not a readable PyTorch checkpoint"):
+        checkpoints.load_checkpoint(path)
 
 
 class _CreatesMarker:
@@ -304,8 +305,8 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, zip_format):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.ones(1)}, "payload": _CreatesMarker(marker)}, path,
                _use_new_zipfile_serialization=zip_format)
-    with pytest.raises(utils.CheckpointError) as info:
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load_checkpoint(path)
     assert str(info.value) == (f"refusing to load {path}: it needs code outside the safe "
                                "allow-list (io.open)")
     assert not marker.exists()
@@ -317,7 +318,7 @@ def test_load_safetensors(tmp_path):
     path = tmp_path / "deit.safetensors"
     state = {"cls_token": torch.randn(1, 1, 8), "head.weight": torch.randn(3, 8)}
     save_file(state, str(path))
-    loaded = utils.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     assert set(loaded) == {"model"}
     assert set(loaded["model"]) == set(state)
     for key, value in state.items():
@@ -330,14 +331,14 @@ def test_load_truncated_safetensors(tmp_path):
     path = tmp_path / "deit.safetensors"
     save_file({"w": torch.randn(32, 32)}, str(path))
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(utils.CheckpointError, match="is not a readable safetensors file"):
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match="is not a readable safetensors file"):
+        checkpoints.load_checkpoint(path)
 
 
 def test_load_missing_file(tmp_path):
     path = tmp_path / "nowhere.pth"
-    with pytest.raises(utils.CheckpointError) as info:
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load_checkpoint(path)
     assert str(info.value) == f"checkpoint {path} does not exist"
 
 
@@ -353,12 +354,12 @@ def test_rng_state_roundtrip_through_checkpoint(tmp_path):
     random.gauss(0.0, 1.0)
     np.random.standard_normal()
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint_atomic({"rng_state": utils.get_rng_state()}, path)
+    checkpoints.save_checkpoint_atomic({"rng_state": utils.get_rng_state()}, path)
     expected = _draws()
 
     utils.seed_everything(999)
     assert _draws() != expected
-    utils.set_rng_state(utils.load_checkpoint(path)["rng_state"])
+    utils.set_rng_state(checkpoints.load_checkpoint(path)["rng_state"])
     assert _draws() == expected
 
 

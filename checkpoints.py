@@ -1,0 +1,350 @@
+"""Checkpoints: crash-safe writing, loading without executing code, and mapping weights
+between models (resume, evaluation, finetuning from DeiT/timm or MTViT weights)."""
+import argparse
+import math
+import os
+import pickle
+import re
+import uuid
+import warnings
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import is_main_process
+
+# Weights a finetuning source must provide: everything but the head and position embeddings.
+BACKBONE_PREFIXES = ('patch_embed.', 'blocks.', 'cls_token', 'norm.')
+POOL = 2
+"""The low-resolution stream of a multi-scale MTViT has a grid halved in each direction."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, unreadable, or unsafe to load."""
+
+
+def _fsync_directory(directory: str) -> None:
+    """Persist a rename; some platforms (Windows) cannot open directories, which is fine."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """Write ``obj`` with torch.save so that ``path`` is never left half-written.
+
+    Only the main process writes. The data goes to a temporary file in the same
+    directory, is flushed and fsynced, then renamed over ``path`` (atomic on POSIX and
+    Windows), and the directory is fsynced so the rename survives a power loss. Until the
+    rename, any previous file at ``path`` stays intact; on any exception the temporary
+    file is removed and the exception re-raised.
+    """
+    if not is_main_process():
+        return
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(directory,
+                            f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+    _remove_stale_temporaries(directory, os.path.basename(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Delete temporary files of ``name`` left by writers killed mid-save.
+
+    A SIGKILL or power cut during ``save_checkpoint_atomic`` leaves the checkpoint intact but
+    its half-written temporary behind, a checkpoint's worth of disk each time. After a
+    successful save, temporaries whose writer (the pid in their name) is no longer running on
+    this host are removed, and so are this pid's own (a pid reused after a restart: this
+    process saves synchronously, so none of its own is in progress). Skipped on Windows,
+    where probing a pid with os.kill would terminate it.
+    """
+    if os.name == "nt":
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(directory, entry))
+        except OSError:
+            pass
+
+
+def namespace_to_dict(namespace: argparse.Namespace) -> Dict[str, Any]:
+    """Convert an argparse.Namespace (nested ones included) to a plain dict."""
+    return {key: namespace_to_dict(value) if isinstance(value, argparse.Namespace) else value
+            for key, value in vars(namespace).items()}
+
+
+_GLOBAL_IN_ERROR = re.compile(r"GLOBAL (\S+) (?:was|whose)")
+
+
+def _unsafe_global(path: str, error: Exception) -> Optional[str]:
+    """Name the global that made the weights-only unpickler refuse ``path``, if any."""
+    match = _GLOBAL_IN_ERROR.search(str(error))
+    if match:
+        return match.group(1)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: a plain pickle or torch's legacy format
+        names = _unsafe_pickle_globals(path)
+    names = [name for name in names if name != "argparse.Namespace"]
+    return ", ".join(names) if names else None
+
+
+_PICKLE_STRING_OPS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+                      "SHORT_BINUNICODE", "BINUNICODE8")
+_PICKLE_PUT_OPS = ("PUT", "BINPUT", "LONG_BINPUT")
+_PICKLE_GET_OPS = ("GET", "BINGET", "LONG_BINGET")
+_MAX_SCANNED_PICKLES = 5  # torch's legacy format: magic, protocol, sys info, object, keys
+
+
+def _unsafe_pickle_globals(path: str) -> list:
+    """Globals outside torch's weights-only allow-list that a plain (or legacy-format) pickle
+    file names, found by reading its opcodes with pickletools, which never executes them.
+
+    Only used to word the refusal: torch's weights-only unpickler has already refused the file
+    (for protocol 4 and 5 pickles, at the FRAME opcode, before it reaches any global).
+    """
+    import pickletools
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # a private helper: without it, report every global
+        allowed = set()
+    names = []
+    try:
+        with open(path, "rb") as handle:
+            for _ in range(_MAX_SCANNED_PICKLES):
+                strings, memo, last_string = [], {}, None
+                for opcode, arg, _ in pickletools.genops(handle):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        names.append(arg.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    if opcode.name in _PICKLE_STRING_OPS:
+                        strings.append(arg)
+                    elif opcode.name == "MEMOIZE":
+                        memo[len(memo)] = last_string
+                    elif opcode.name in _PICKLE_PUT_OPS:
+                        memo[arg] = last_string
+                    elif opcode.name in _PICKLE_GET_OPS and memo.get(arg) is not None:
+                        strings.append(memo[arg])
+                    last_string = arg if opcode.name in _PICKLE_STRING_OPS else None
+    except Exception:  # the end of the pickles, raw tensor data, or a damaged file
+        pass
+    return list(dict.fromkeys(name for name in names if name not in allowed))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _safetensors_device(map_location: Any) -> str:
+    if isinstance(map_location, (str, torch.device)):
+        return str(map_location)
+    # Callables and remapping dicts have no safetensors equivalent.
+    return "cpu"
+
+
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
+    """Load a checkpoint without executing code from the file.
+
+    ``.pth``-style files are read with ``torch.load(weights_only=True)``; the only extra
+    type allowed is argparse.Namespace (the original release stored ``args`` that way),
+    and such an ``args`` entry is returned as a plain dict. ``.safetensors`` files are
+    returned as ``{'model': state_dict}``.
+
+    Args:
+        path: checkpoint file.
+        map_location: as for torch.load.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or needs a global
+            outside the allow-list (the pickle is never executed).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return {"model": load_file(path, device=_safetensors_device(map_location))}
+        except Exception as error:  # any failure means an unusable file
+            raise CheckpointError(f"{path} is not a readable safetensors file "
+                                  f"(truncated or corrupt?): {_first_line(error)}") from None
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns (on stderr) about protocol-4 pickles, which it then refuses anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        name = _unsafe_global(path, error)
+        if name is not None:
+            raise CheckpointError(f"refusing to load {path}: it needs code outside the safe "
+                                  f"allow-list ({name})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                              f"(truncated or corrupt?): {_first_line(error)}") from None
+    except Exception as error:  # torch raises many types for bad files
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                              f"(truncated or corrupt?): {_first_line(error)}") from None
+
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):
+        checkpoint["args"] = namespace_to_dict(checkpoint["args"])
+    return checkpoint
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a square grid of position embeddings behind one class-token entry
+    (as DeiT finetunes at a new resolution). (1, 1 + g * g, C) -> (1, 1 + gh * gw, C)."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    side = math.isqrt(patch_pos.shape[1])
+    if side * side != patch_pos.shape[1]:
+        raise ValueError(f'position embedding of {patch_pos.shape[1]} patches is not a square grid')
+    if (side, side) == tuple(grid):
+        return pos_embed
+    dim = patch_pos.shape[2]
+    patch_map = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch_map = F.interpolate(patch_map.float(), size=grid, mode='bicubic', align_corners=False)
+    patch_pos = patch_map.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
+    return torch.cat([cls_pos, patch_pos.to(pos_embed.dtype)], dim=1)
+
+
+def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str]]:
+    """Maps a DeiT/timm or MTViT state dict onto ``model`` for finetuning.
+
+    Position embeddings are resampled to the model's grid; a single-scale ``pos_embed`` gives
+    both ``pos_embed_list`` entries of a multi-scale model (and ``pos_embed_list.1`` gives the
+    ``pos_embed`` of a single-scale one); a classifier head of another class count is dropped.
+    Returns the adapted state dict and notes on what was changed.
+    """
+    target = model.state_dict()
+    adapted = dict(state_dict)
+    notes = []
+    source_pos = adapted.pop('pos_embed', None)
+    if source_pos is None:
+        source_pos = adapted.get('pos_embed_list.1')
+    targets = [key for key in ('pos_embed', 'pos_embed_list.0', 'pos_embed_list.1') if key in target]
+    for key in targets:
+        source = adapted.get(key, source_pos) if key != 'pos_embed' else source_pos
+        if source is None:
+            continue
+        full_grid = tuple(model.patch_embed.grid_size)
+        grid = (full_grid if key != 'pos_embed_list.0'
+                else (full_grid[0] // POOL, full_grid[1] // POOL))
+        adapted[key] = resample_pos_embed(source, grid)
+        if adapted[key] is not source:
+            notes.append(f'{key}: resampled {tuple(source.shape)} -> {tuple(adapted[key].shape)}')
+    for key in list(adapted):
+        if key.startswith('pos_embed') and key not in target:
+            del adapted[key]
+    for key in ('head.weight', 'head.bias'):
+        if key in adapted and key in target and adapted[key].shape != target[key].shape:
+            notes.append(f'{key}: dropped, shape {tuple(adapted[key].shape)} differs from the '
+                         f"model's {tuple(target[key].shape)}")
+            del adapted[key]
+    return adapted, notes
+
+
+def model_state_dict(checkpoint: dict, path: str) -> dict:
+    """The weights in a checkpoint: under 'model' (DeiT, MTViT), 'state_dict' (timm) or bare."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise CheckpointError(f'{path} holds no model weights (no "model" or "state_dict" entry)')
+    return checkpoint
+
+
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
+    """Loads a checkpoint of this very model (resume, eval), listing any mismatch."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(target))
+    wrong_shape = sorted(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
+                         for key in set(target) & set(state_dict)
+                         if state_dict[key].shape != target[key].shape)
+    if missing or unexpected or wrong_shape:
+        problems = '; '.join(f'{name}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
+                             for name, keys in (('missing', missing), ('unexpected', unexpected),
+                                                ('shape', wrong_shape)) if keys)
+        raise CheckpointError(f'{path} does not fit --model {type(model).__name__} '
+                              f'({problems})')
+    model.load_state_dict(state_dict, strict=True)
+
+
+
+
+def finetune_from(model: torch.nn.Module, path: str):
+    """Initialises ``model`` from a DeiT/timm or MTViT checkpoint (SPEC 6): resamples position
+    embeddings, drops a head of another class count; refuses when backbone weights are missing."""
+    state_dict = model_state_dict(load_checkpoint(path), path)
+    state_dict, notes = adapt_state_dict(state_dict, model)
+    target = model.state_dict()
+    wrong_shape = [key for key in set(target) & set(state_dict)
+                   if state_dict[key].shape != target[key].shape]
+    if wrong_shape:
+        shown = ', '.join(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
+                          for key in sorted(wrong_shape)[:8])
+        more = f' ... ({len(wrong_shape)} in all)' if len(wrong_shape) > 8 else ''
+        raise CheckpointError(f'{path} does not fit the model: shapes differ for {shown}{more}')
+    result = model.load_state_dict(state_dict, strict=False)
+    for note in notes:
+        print(f'finetune: {note}')
+    print(f'finetune from {path}: missing keys {result.missing_keys}, '
+          f'unexpected keys {result.unexpected_keys}')
+    missing_backbone = [key for key in result.missing_keys if key.startswith(BACKBONE_PREFIXES)]
+    if missing_backbone:
+        raise CheckpointError(f'{path} lacks backbone weights {", ".join(missing_backbone[:8])}'
+                              f'{" ..." if len(missing_backbone) > 8 else ""}: refusing to '
+                              f'finetune from it')
