@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import uuid
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import is_main_process
+from utils import BYTES_PER_MB, MachineError, is_disk_full, is_main_process
 
 # Weights a finetuning source must provide: everything but the head and position embeddings.
 BACKBONE_PREFIXES = ('patch_embed.', 'blocks.', 'cls_token', 'norm.')
@@ -39,6 +40,17 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
+
+
 def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
     """Write ``obj`` with torch.save so that ``path`` is never left half-written.
 
@@ -46,7 +58,7 @@ def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
     directory, is flushed and fsynced, then renamed over ``path`` (atomic on POSIX and
     Windows), and the directory is fsynced so the rename survives a power loss. Until the
     rename, any previous file at ``path`` stays intact; on any exception the temporary
-    file is removed and the exception re-raised.
+    file is removed and the exception re-raised (a full disk as a MachineError saying so).
     """
     if not is_main_process():
         return
@@ -63,11 +75,18 @@ def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.remove(tmp_path)
         except FileNotFoundError:
             pass
+        if is_disk_full(error):
+            kept = ('the previous checkpoint there is intact' if os.path.exists(path)
+                    else 'nothing was saved')
+            raise MachineError(
+                f'no space left on device writing {path} (about '
+                f'{_tensor_bytes(obj) / BYTES_PER_MB:.0f} MB needed, '
+                f'{shutil.disk_usage(directory).free / BYTES_PER_MB:.0f} MB free); {kept}') from None
         raise
     _fsync_directory(directory)
     _remove_stale_temporaries(directory, os.path.basename(path))

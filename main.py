@@ -21,8 +21,9 @@ from engine import evaluate, keep_rate_at, train_one_epoch
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
 from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
                          model_state_dict, save_checkpoint_atomic)
-from utils import (NonFiniteLossError, all_gather_object, cleanup, get_rng_state,
-                   init_distributed, is_main_process, seed_everything, set_rng_state)
+from utils import (MachineError, NonFiniteLossError, all_gather_object, check_output_dir,
+                   cleanup, get_rng_state, init_distributed, is_main_process,
+                   machine_error_message, seed_everything, set_rng_state)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
 DEFAULT_INPUT_SIZE = 224
@@ -30,6 +31,7 @@ DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no dat
 LR_REFERENCE_BATCH = 512
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+DEBUG_ENV = 'MTVIT_DEBUG'
 
 
 class UsageError(Exception):
@@ -166,6 +168,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='torch.compile the model for training and evaluation (first steps '
                             'are slower while it compiles)')
     group.add_argument('--seed', default=0, type=int)
+    group.add_argument('--debug', action='store_true', default=os.environ.get(DEBUG_ENV, '0') != '0',
+                       help=f'show tracebacks of machine faults (also {DEBUG_ENV}=1)')
     group.add_argument('--resume', default='', help='resume from checkpoint')
     group.add_argument('--auto-resume', action='store_true',
                        help=f'resume from output_dir/{CHECKPOINT_NAME} when it exists')
@@ -380,7 +384,7 @@ def main(args: argparse.Namespace):
 def run(args: argparse.Namespace, dist_state):
     device = dist_state.device
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+        check_output_dir(args.output_dir)
     checkpoint_path = checkpoint_path_of(args)
     if args.auto_resume and not args.resume and checkpoint_path and os.path.exists(checkpoint_path):
         args.resume = checkpoint_path
@@ -409,7 +413,9 @@ def run(args: argparse.Namespace, dist_state):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters')
 
-    amp_dtype = amp_dtype_of(args, device)
+    amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None
+    # MTViT takes its keep rates as per-block token counts (see engine.reduction_kwargs).
+    token_counts = model.token_counts if is_mtvit(args.model) else None
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     if args.flops:
@@ -440,16 +446,16 @@ def run(args: argparse.Namespace, dist_state):
     if args.eval:
         model = torch.compile(model) if args.compile else model
         test_stats = evaluate(val_loader, model, device, amp_dtype=amp_dtype, sharded=sharded_eval,
-                              token_counts=token_counts_of(model, args))
+                              token_counts=token_counts)
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats
     return train_loop(args, dist_state, model, train_loader, val_loader, num_classes,
-                      checkpoint, n_parameters, amp_dtype, sharded_eval)
+                      checkpoint, n_parameters, amp_dtype, sharded_eval, token_counts)
 
 
 def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint,
-               n_parameters, amp_dtype, sharded_eval):
+               n_parameters, amp_dtype, sharded_eval, token_counts):
     """Trains from --start_epoch (or the resumed epoch) to --epochs, evaluating, checkpointing
     and logging after every epoch; returns the last evaluation's stats."""
     from timm.optim import create_optimizer_v2
@@ -485,6 +491,9 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
         noise_std=args.lr_noise_std, noise_seed=args.seed)
     # bf16 has float32's range: only fp16 needs its loss scaled.
     loss_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if args.output_dir and is_main_process():  # a checkpoint: weights, EMA, two Adam moments
+        weight_bytes = sum(p.numel() * p.element_size() for p in model_without_ddp.parameters())
+        check_output_dir(args.output_dir, (3 + bool(model_ema)) * weight_bytes)
     mixup_fn, criterion = build_criterion(args, num_classes, device)
 
     start_epoch = args.start_epoch
@@ -523,13 +532,13 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
                 model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
                 amp_dtype=amp_dtype, clip_grad=args.clip_grad, model_ema=model_ema,
                 mixup_fn=mixup_fn, keep_rate_schedule=keep_rate_schedule,
-                token_counts=token_counts_of(model_without_ddp, args),
+                token_counts=token_counts,
                 set_training_mode=not args.finetune,
                 writer=writer, print_freq=args.print_freq)
             lr_scheduler.step(epoch)
             test_stats = evaluate(val_loader, model, device, keep_rate=train_stats.get('keep_rate'),
                                   amp_dtype=amp_dtype, sharded=sharded_eval,
-                                  token_counts=token_counts_of(model_without_ddp, args))
+                                  token_counts=token_counts)
             print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
                   f'{test_stats["acc1"]:.1f}%')
             if checkpoint_path_of(args):
@@ -553,18 +562,6 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     return test_stats
 
 
-def amp_dtype_of(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype: --amp-dtype on CUDA, None (full precision) elsewhere."""
-    return AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None
-
-
-def token_counts_of(model: torch.nn.Module, args: argparse.Namespace):
-    """MTViT's keep rate -> per-block token counts (see engine.reduction_kwargs); None for
-    other models."""
-    model = getattr(model, '_orig_mod', model)  # under torch.compile
-    return model.token_counts if is_mtvit(args.model) else None
-
-
 def checkpoint_path_of(args: argparse.Namespace) -> str:
     """output_dir/checkpoint.pth, or '' when nothing is saved."""
     return os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ''
@@ -578,19 +575,24 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def cli(argv=None) -> int:
-    """Command-line entry: a clear one-line error and a non-zero exit for bad input."""
+    """Command-line entry: one line and a non-zero exit for bad input and machine faults."""
     parser = OneLineErrorParser('MTViT training and evaluation script',
                                 parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     try:
         main(args)
-    except NonFiniteLossError as error:
-        print(f'main.py: error: {error}', file=sys.stderr, flush=True)
-        return 1
+        return 0
     except (UsageError, DatasetError, CheckpointError) as error:
-        print(f'main.py: error: {error}', file=sys.stderr, flush=True)
-        return 2
-    return 0
+        message, status = str(error), 2
+    except NonFiniteLossError as error:
+        message, status = str(error), 1
+    except (MachineError, OSError, RuntimeError) as error:  # faults of the machine
+        message = str(error) if isinstance(error, MachineError) else machine_error_message(error)
+        if message is None or args.debug:
+            raise
+        status = getattr(error, 'exit_status', 1)
+    print(f'main.py: error: {message}', file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == '__main__':

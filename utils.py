@@ -6,8 +6,12 @@ round trip. Checkpoint files are in ``checkpoints.py``.
 """
 import builtins
 import datetime
+import errno
 import math
 import os
+import re
+import shutil
+import tempfile
 import random
 import time
 import warnings
@@ -444,6 +448,58 @@ def check_finite_losses(losses: torch.Tensor, epoch: int, first_iteration: int) 
         offset, kind = divmod(code, len(_NON_FINITE_KINDS))
         check_finite(_NON_FINITE_KINDS[kind], epoch, first_iteration + offset)
     return values
+
+
+class MachineError(Exception):
+    """The machine failed, not the input (a full disk, an unwritable folder, a killed worker).
+    ``exit_status`` is what the command line exits with."""
+
+    def __init__(self, message: str, exit_status: int = 1):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it: torch.save wraps the OSError) is a full disk."""
+    return any(isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT)
+               for link in _error_chain(error))
+
+
+_WORKER_DIED = re.compile(r'DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)')
+
+
+def machine_error_message(error: BaseException) -> Optional[str]:
+    """One line for an OSError or RuntimeError that a fault of the machine caused, naming what
+    failed and where; None for anything else (a bug: let its traceback show)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f'{error.strerror or error} ({error.filename})'
+    match = _WORKER_DIED.search(str(error)) if isinstance(error, RuntimeError) else None
+    if match:
+        return (f'data-loader worker (pid {match.group(1).strip()}) died, killed by the system '
+                f'(out of memory?); use fewer --num_workers or a smaller --batch-size')
+    return None
+
+
+def check_output_dir(path: str, checkpoint_bytes: int = 0) -> None:
+    """Creates ``path`` if needed and proves it writable (MachineError, exit status 2, if not);
+    warns when it has room for fewer than two checkpoints of ``checkpoint_bytes``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise MachineError(f'--output_dir {path} is not writable: '
+                           f'{error.strerror or error}', exit_status=2) from None
+    free = shutil.disk_usage(path).free
+    if free < 2 * checkpoint_bytes:
+        print(f'warning: --output_dir {path} has {free / BYTES_PER_MB:.0f} MB free, less than '
+              f'two checkpoints ({checkpoint_bytes / BYTES_PER_MB:.0f} MB each)', flush=True)
 
 
 def get_rng_state() -> Dict[str, Any]:
