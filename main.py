@@ -21,8 +21,8 @@ from engine import evaluate, keep_rate_at, train_one_epoch
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
 from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
                          model_state_dict, save_checkpoint_atomic)
-from utils import (MachineError, NonFiniteLossError, all_gather_object, check_output_dir,
-                   cleanup, get_rng_state, init_distributed, is_main_process,
+from utils import (MachineError, NonFiniteLossError, OneLineErrorParser, all_gather_object,
+                   check_output_dir, cleanup, get_rng_state, init_distributed, is_main_process,
                    machine_error_message, seed_everything, set_rng_state)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
@@ -30,7 +30,7 @@ DEFAULT_INPUT_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
 LR_REFERENCE_BATCH = 512
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
-AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
 DEBUG_ENV = 'MTVIT_DEBUG'
 
 
@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--speed-batch-size', type=int, default=None,
                        help='throughput batch (default 32 on CPU, 64 on GPU)')
     group.add_argument('--speed-iterations', type=int, default=None,
-                       help='timed batches per round (default 3 on CPU, 100 on GPU)')
+                       help='timed batches per round (default 3 on CPU, 30 on GPU)')
     group.add_argument('--visualize_mask', action='store_true',
                        help='write merge-group pictures of validation images (with --resume)')
     group.add_argument('--n_visualization', default=128, type=int)
@@ -162,13 +162,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--output_dir', default='', help='where to save, empty for no saving')
     group.add_argument('--device', default='cuda', help='cuda or cpu (cuda falls back to cpu)')
     group.add_argument('--amp-dtype', default='fp16', choices=tuple(AMP_DTYPES),
-                       help='mixed precision on CUDA: fp16 (with a loss scaler, as DeiT) or bf16 '
-                            '(no scaler, no host synchronisation per step; Ampere or newer)')
+                       help='precision on CUDA: fp16 autocast (with a loss scaler, as DeiT), bf16 '
+                            '(no scaler, no host synchronisation per step; Ampere or newer), fp32')
     group.add_argument('--compile', action='store_true',
                        help='torch.compile the model for training and evaluation (first steps '
                             'are slower while it compiles)')
     group.add_argument('--seed', default=0, type=int)
-    group.add_argument('--debug', action='store_true', default=os.environ.get(DEBUG_ENV, '0') != '0',
+    group.add_argument('--debug', action='store_true',
+                       default=os.environ.get(DEBUG_ENV, '').lower() in ('1', 'true', 'yes'),
                        help=f'show tracebacks of machine faults (also {DEBUG_ENV}=1)')
     group.add_argument('--resume', default='', help='resume from checkpoint')
     group.add_argument('--auto-resume', action='store_true',
@@ -206,8 +207,10 @@ def check_args(args: argparse.Namespace):
         raise UsageError('--visualize_mask needs --resume with the checkpoint to visualise')
     if args.visualize_mask and not is_mtvit(args.model):
         raise UsageError(f'--visualize_mask needs an MTViT --model, not {args.model}')
-    if args.n_visualization < 1:
-        raise UsageError(f'--n_visualization {args.n_visualization} must be at least 1')
+    for flag, value in (('--n_visualization', args.n_visualization),
+                        ('--print-freq', args.print_freq)):
+        if value < 1:
+            raise UsageError(f'{flag} {value} must be at least 1')
     if args.input_size is not None and args.input_size < 1:
         raise UsageError(f'--input-size {args.input_size} must be positive')
     if args.shrink_epochs < 0 or args.shrink_start_epoch < 0:
@@ -467,7 +470,7 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     if args.model_ema:
         # V3 updates all weights in a few fused (foreach) kernels, not one per tensor.
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
     if dist_state.distributed:
         device_ids = [device.index] if device.type == 'cuda' else None
         # The model's only buffers are constants of its grid: nothing to broadcast each step.
@@ -500,7 +503,7 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     if checkpoint is not None and 'optimizer' in checkpoint and not args.eval:
         optimizer.load_state_dict(checkpoint['optimizer'])
         lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if checkpoint.get('scaler'):  # empty when saved without AMP (CPU): nothing to restore
+        if checkpoint.get('scaler'):  # empty when saved without fp16 AMP: nothing to restore
             loss_scaler.load_state_dict(checkpoint['scaler'])
         if model_ema is not None and 'model_ema' in checkpoint:
             model_ema.module.load_state_dict(checkpoint['model_ema'])
@@ -567,16 +570,9 @@ def checkpoint_path_of(args: argparse.Namespace) -> str:
     return os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ''
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), with argparse's exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f'main.py: error: {message} (see --help)\n')
-
-
 def cli(argv=None) -> int:
     """Command-line entry: one line and a non-zero exit for bad input and machine faults."""
-    parser = OneLineErrorParser('MTViT training and evaluation script',
+    parser = OneLineErrorParser('MTViT training and evaluation script', command='main.py',
                                 parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     try:

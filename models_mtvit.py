@@ -292,16 +292,22 @@ class ScaleFusion(nn.Module):
     models (FLOP counters, export) always get the convolutions.
     """
 
-    def __init__(self, dim: int, grid: Tuple[int, int]):
+    def __init__(self, dim: int, grid: Tuple[int, int], dense_depthwise: Optional[bool] = None):
         super().__init__()
         self.grid = tuple(grid)
         self.lka = LargeKernelConv(dim)
         self.peg = depthwise_conv(dim, 3)
-        self.dense_depthwise: Optional[bool] = None
+        self.dense_depthwise = dense_depthwise
         small = large = None
-        if self.grid[0] * self.grid[1] <= DENSE_DEPTHWISE_MAX_CELLS:
-            small = depthwise_tap_placement(self.grid, 3)
-            large = depthwise_tap_placement(self.grid, 7, dilation=2)
+        fits = self.grid[0] * self.grid[1] <= DENSE_DEPTHWISE_MAX_CELLS
+        if dense_depthwise and not fits:
+            raise ValueError(f'dense_depthwise: a {self.grid[0]}x{self.grid[1]} patch grid is over '
+                             f'the {DENSE_DEPTHWISE_MAX_CELLS} cells the matrices are built for')
+        if fits and dense_depthwise is not False:
+            # conv0 and peg share the 3x3 placement; each conv's own size and dilation decide.
+            small, large = (depthwise_tap_placement(self.grid, conv.kernel_size[0],
+                                                    dilation=conv.dilation[0])
+                            for conv in (self.lka.conv0, self.lka.conv_spatial))
         # Constants of the grid, not weights: kept out of checkpoints.
         self.register_buffer('placement_3x3', small, persistent=False)
         self.register_buffer('placement_7x7_dilated', large, persistent=False)
@@ -402,8 +408,7 @@ class MTViT(nn.Module):
                 nn.Parameter(torch.zeros(1, num_patches // POOL ** 2 + 1, embed_dim)),
                 nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim)),
             ])
-            self.up = ScaleFusion(embed_dim, self.grid)
-            self.up.dense_depthwise = dense_depthwise
+            self.up = ScaleFusion(embed_dim, self.grid, dense_depthwise=dense_depthwise)
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)

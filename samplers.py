@@ -131,12 +131,12 @@ class SeededSampler(torch.utils.data.Sampler):
 
 @contextmanager
 def seeded_random_state(seed: int):
-    """Seeds python ``random``, numpy and torch (CPU) for the block, then restores their states,
+    """Seeds python ``random``, numpy and torch's CPU generator for the block, then restores them,
     so that the stream of the process around it (Mixup, dropout) is left as it was."""
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
     try:
         yield
     finally:

@@ -148,7 +148,8 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
     left behind, which biases the ratios by several percent. Returns name -> one value per round.
 
     ``peak_memory`` (CUDA only), when given, receives name -> the most device memory (bytes)
-    one step held above what was allocated before it (the resident weights).
+    one step held above what was allocated before it (the resident weights, and the gradients
+    of the step before, which a step frees as it starts).
     """
     for entry in timed:
         for _ in range(warmup):
@@ -424,6 +425,9 @@ def main(args: argparse.Namespace) -> List[dict]:
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in defaults.items() if key != 'batch_size'}
     if args.suite:
+        if args.models or args.batch_size or args.compile or args.amp != 'none':
+            raise ValueError('--suite fixes the models, batch sizes, precision and compilation: '
+                             'give none of them with it')
         return run_suite(args, device, settings)
     if not args.models:
         raise ValueError('name at least one model, or --suite gpu')

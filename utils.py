@@ -4,6 +4,7 @@ Distributed helpers (usable with or without a process group), progress logging, 
 non-finite loss check, and random-number-generator state that survives a ``weights_only``
 round trip. Checkpoint files are in ``checkpoints.py``.
 """
+import argparse
 import builtins
 import datetime
 import errno
@@ -450,6 +451,18 @@ def check_finite_losses(losses: torch.Tensor, epoch: int, first_iteration: int) 
     return values
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``<command>: error: ...`` (no usage block), with
+    argparse's exit status 2."""
+
+    def __init__(self, *args, command: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def error(self, message):
+        self.exit(2, f'{self.command}: error: {message} (see --help)\n')
+
+
 class MachineError(Exception):
     """The machine failed, not the input (a full disk, an unwritable folder, a killed worker).
     ``exit_status`` is what the command line exits with."""
@@ -471,7 +484,7 @@ def is_disk_full(error: BaseException) -> bool:
                for link in _error_chain(error))
 
 
-_WORKER_DIED = re.compile(r'DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)')
+_WORKER_DIED = re.compile(r'DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) ?([^\n]*)')
 
 
 def machine_error_message(error: BaseException) -> Optional[str]:
@@ -481,8 +494,13 @@ def machine_error_message(error: BaseException) -> Optional[str]:
         return f'{error.strerror or error} ({error.filename})'
     match = _WORKER_DIED.search(str(error)) if isinstance(error, RuntimeError) else None
     if match:
-        return (f'data-loader worker (pid {match.group(1).strip()}) died, killed by the system '
-                f'(out of memory?); use fewer --num_workers or a smaller --batch-size')
+        pids, reason = match.group(1).strip(), match.group(2).strip().rstrip('.') or 'exited'
+        out_of_memory = ('if the system killed it (out of memory?), use fewer --num_workers '
+                         'or a smaller --batch-size')
+        own_error = '--num_workers 0 shows an error of its own in the main process'
+        hints = {'Killed': [out_of_memory], 'unexpectedly': [out_of_memory, own_error]}
+        hint = next((h for word, h in hints.items() if reason.endswith(word)), [own_error])
+        return f'data-loader worker (pid {pids}) {reason}; {"; ".join(hint)}'
     return None
 
 

@@ -121,7 +121,20 @@ def test_killed_data_loader_worker(tmp_path, monkeypatch, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert status == 1
     assert line.startswith('main.py: error: data-loader worker (pid '), line
-    assert 'killed by the system' in line and 'fewer --num_workers' in line
+    # PyTorch reports a SIGKILLed worker as 'exited unexpectedly' or 'is killed by signal: Killed'
+    assert 'if the system killed it (out of memory?), use fewer --num_workers' in line, line
+
+
+def test_other_worker_deaths_are_not_called_out_of_memory():
+    message = utils.machine_error_message(RuntimeError(
+        'DataLoader worker (pid 4242) is killed by signal: Segmentation fault. '))
+    assert message == ('data-loader worker (pid 4242) is killed by signal: Segmentation fault; '
+                       '--num_workers 0 shows an error of its own in the main process')
+    killed = utils.machine_error_message(RuntimeError(
+        'DataLoader worker (pid 7) is killed by signal: Killed. '))
+    assert killed == ('data-loader worker (pid 7) is killed by signal: Killed; if the system '
+                      'killed it (out of memory?), use fewer --num_workers or a smaller '
+                      '--batch-size')
 
 
 def test_bugs_still_show_their_traceback():
