@@ -14,12 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models_mtvit import POOL
 from utils import BYTES_PER_MB, MachineError, is_disk_full, is_main_process
 
 # Weights a finetuning source must provide: everything but the head and position embeddings.
 BACKBONE_PREFIXES = ('patch_embed.', 'blocks.', 'cls_token', 'norm.')
-POOL = 2
-"""The low-resolution stream of a multi-scale MTViT has a grid halved in each direction."""
 
 
 class CheckpointError(Exception):

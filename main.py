@@ -23,7 +23,7 @@ from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_w
                          model_state_dict, save_checkpoint_atomic)
 from utils import (MachineError, NonFiniteLossError, OneLineErrorParser, all_gather_object,
                    check_output_dir, cleanup, get_rng_state, init_distributed, is_main_process,
-                   machine_error_message, seed_everything, set_rng_state)
+                   machine_error_message, seed_everything, set_rng_state, warn_if_low_space)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
 DEFAULT_INPUT_SIZE = 224
@@ -496,7 +496,7 @@ def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, c
     loss_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if args.output_dir and is_main_process():  # a checkpoint: weights, EMA, two Adam moments
         weight_bytes = sum(p.numel() * p.element_size() for p in model_without_ddp.parameters())
-        check_output_dir(args.output_dir, (3 + bool(model_ema)) * weight_bytes)
+        warn_if_low_space(args.output_dir, (3 + bool(model_ema)) * weight_bytes)
     mixup_fn, criterion = build_criterion(args, num_classes, device)
 
     start_epoch = args.start_epoch

@@ -9,6 +9,8 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
+from utils import NUMPY_SEED_MODULUS
+
 
 class RASampler(torch.utils.data.Sampler):
     """Distributed sampler with repeated augmentation, one instance per process.
@@ -135,7 +137,7 @@ def seeded_random_state(seed: int):
     so that the stream of the process around it (Mixup, dropout) is left as it was."""
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % NUMPY_SEED_MODULUS)
     torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
     try:
         yield

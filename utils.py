@@ -10,10 +10,10 @@ import datetime
 import errno
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
-import random
 import time
 import warnings
 from collections import defaultdict, deque
@@ -504,9 +504,8 @@ def machine_error_message(error: BaseException) -> Optional[str]:
     return None
 
 
-def check_output_dir(path: str, checkpoint_bytes: int = 0) -> None:
-    """Creates ``path`` if needed and proves it writable (MachineError, exit status 2, if not);
-    warns when it has room for fewer than two checkpoints of ``checkpoint_bytes``."""
+def check_output_dir(path: str) -> None:
+    """Creates ``path`` if needed and proves it writable (MachineError, exit status 2, if not)."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -514,6 +513,11 @@ def check_output_dir(path: str, checkpoint_bytes: int = 0) -> None:
     except OSError as error:
         raise MachineError(f'--output_dir {path} is not writable: '
                            f'{error.strerror or error}', exit_status=2) from None
+
+
+def warn_if_low_space(path: str, checkpoint_bytes: int) -> None:
+    """Warns when the folder ``path`` has room for fewer than two checkpoints of
+    ``checkpoint_bytes`` (a save writes the new one beside the last)."""
     free = shutil.disk_usage(path).free
     if free < 2 * checkpoint_bytes:
         print(f'warning: --output_dir {path} has {free / BYTES_PER_MB:.0f} MB free, less than '

@@ -96,11 +96,11 @@ def test_read_only_output_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_low_free_space_warns(tmp_path, capsys):
-    utils.check_output_dir(str(tmp_path), checkpoint_bytes=10 ** 15)
+    utils.warn_if_low_space(str(tmp_path), checkpoint_bytes=10 ** 15)
     out = capsys.readouterr().out
     assert f'warning: --output_dir {tmp_path} has ' in out
     assert 'less than two checkpoints (953674316 MB each)' in out, out
-    utils.check_output_dir(str(tmp_path), checkpoint_bytes=1)
+    utils.warn_if_low_space(str(tmp_path), checkpoint_bytes=1)
     assert capsys.readouterr().out == ''
 
 
