@@ -61,6 +61,8 @@ def train_one_epoch(
         set_training_mode: bool = True,
         writer=None,
         print_freq: int = LOG_EVERY,
+        first_iteration: int = 0,
+        should_stop: Optional[Callable[[bool], int]] = None,
 ) -> Dict[str, float]:
     """Trains one epoch.
 
@@ -75,20 +77,26 @@ def train_one_epoch(
         token_counts: keep rate -> the model's ``tokens`` argument (``MTViT.token_counts``).
         set_training_mode: False keeps the model in eval mode (finetuning, as the release does).
         writer: a tensorboardX SummaryWriter (main process only) or None.
+        first_iteration: steps of this epoch already taken (a run resumed inside an epoch);
+            ``data_loader`` then yields only the remaining batches.
+        should_stop: polled after every step but the epoch's last with whether the losses
+            are being checked at this step; a non-zero answer ends the epoch early.
     Returns:
-        global averages of the meters (loss, lr, keep_rate) over all processes.
+        global averages of the meters (loss, lr, keep_rate) over all processes, and
+        ``stopped_after`` (the steps of the epoch taken) when ``should_stop`` ended it.
     Raises:
         NonFiniteLossError: the loss became NaN or infinite on any process.
     """
     model.train(set_training_mode)
     metric_logger = MetricLogger(device=device)
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
-    iters_per_epoch = len(data_loader)
+    iters_per_epoch = first_iteration + len(data_loader)
     header = f'Epoch: [{epoch}]'
     pending_losses = []
     keep_rate = None
+    stopped_after = None
     for step, (samples, targets) in enumerate(
-            metric_logger.log_every(data_loader, print_freq, header)):
+            metric_logger.log_every(data_loader, print_freq, header), start=first_iteration):
         iteration = epoch * iters_per_epoch + step
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -116,7 +124,10 @@ def train_one_epoch(
         metric_logger.update(lr=lr)
         if keep_rate is not None:
             metric_logger.update(keep_rate=keep_rate)
-        if step % print_freq == 0 or step == iters_per_epoch - 1:
+        last_step = step == iters_per_epoch - 1
+        at_check = step % print_freq == 0 or last_step
+        stopping = should_stop is not None and not last_step and bool(should_stop(at_check))
+        if at_check or stopping:
             losses = check_finite_losses(torch.stack(pending_losses), epoch,
                                          step + 1 - len(pending_losses))
             pending_losses.clear()
@@ -127,11 +138,16 @@ def train_one_epoch(
                 writer.add_scalar('lr', lr, iteration)
                 if keep_rate is not None:
                     writer.add_scalar('keep_rate', keep_rate, iteration)
+        if stopping:
+            stopped_after = step + 1
+            break
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     if keep_rate is not None:
         stats['keep_rate'] = keep_rate  # the rate reached at the end of the epoch
+    if stopped_after is not None:
+        stats['stopped_after'] = stopped_after
     return stats
 
 

@@ -106,3 +106,37 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
                                 global_pool='avg')
     load_weights(teacher, model_state_dict(load_checkpoint(path), path), path)
     return teacher.to(device).eval()
+
+
+def build_criterion(num_classes: int, device: torch.device, *, mixup: float = 0.,
+                    cutmix: float = 0., cutmix_minmax: Optional[Sequence[float]] = None,
+                    mixup_prob: float = 1., mixup_switch_prob: float = 0.5,
+                    mixup_mode: str = 'batch', smoothing: float = 0.,
+                    distillation_type: str = 'none', teacher_model: str = '',
+                    teacher_path: str = '', distillation_alpha: float = 0.5,
+                    distillation_tau: float = 1.):
+    """The training criterion and the batch mixer, as DeiT picks them.
+
+    Returns ``(mixup_fn, criterion)``: timm's Mixup/CutMix (None when ``mixup``, ``cutmix`` and
+    ``cutmix_minmax`` are all off) and a ``DistillationLoss`` around the base loss, which is
+    SoftTargetCrossEntropy on Mixup's (B, K) soft targets (label smoothing is then Mixup's),
+    else LabelSmoothingCrossEntropy when ``smoothing`` > 0, else plain cross entropy.
+    """
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    mixup_fn = None
+    if mixup > 0 or cutmix > 0 or cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax,
+                         prob=mixup_prob, switch_prob=mixup_switch_prob, mode=mixup_mode,
+                         label_smoothing=smoothing, num_classes=num_classes)
+        base_criterion = SoftTargetCrossEntropy()
+    elif smoothing > 0:
+        base_criterion = LabelSmoothingCrossEntropy(smoothing=smoothing)
+    else:
+        base_criterion = nn.CrossEntropyLoss()
+    teacher = None
+    if distillation_type != 'none':
+        teacher = build_teacher(teacher_model, teacher_path, num_classes, device)
+    criterion = DistillationLoss(base_criterion, teacher, distillation_type, distillation_alpha,
+                                 distillation_tau)
+    return mixup_fn, criterion

@@ -4,12 +4,10 @@ Single process (``python main.py ...``), ``torchrun --nproc_per_node=N main.py .
 deprecated ``python -m torch.distributed.launch [--use_env] main.py ...``.
 """
 import argparse
-import datetime
 import json
 import os
 import re
 import sys
-import time
 from functools import partial
 from typing import Optional
 
@@ -17,18 +15,20 @@ import torch
 
 import models_mtvit
 from datasets import DATA_SETS, DatasetError, build_dataset, build_transform
-from engine import evaluate, keep_rate_at, train_one_epoch
-from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
+from engine import evaluate, keep_rate_at
+from losses import build_criterion
+from samplers import SeededDataset, SeededSampler, ShardSampler, build_train_sampler
 from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
-                         model_state_dict, save_checkpoint_atomic)
-from utils import (MachineError, NonFiniteLossError, OneLineErrorParser, all_gather_object,
-                   check_output_dir, cleanup, get_rng_state, init_distributed, is_main_process,
-                   machine_error_message, seed_everything, set_rng_state, warn_if_low_space)
+                         model_state_dict)
+from training import (LR_REFERENCE_BATCH, EpochLoop, Preempted, TrainingState, build_ema, build_optimizer,
+                      build_scheduler, fit, ignore_stop_signals, scaled_lr)
+from utils import (MachineError, NonFiniteLossError, OneLineErrorParser, check_output_dir,
+                   cleanup, init_distributed, is_main_process, machine_error_message,
+                   seed_everything)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
-LR_REFERENCE_BATCH = 512
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
 DEBUG_ENV = 'MTVIT_DEBUG'
@@ -97,6 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--clip-grad', type=float, default=None, help='max gradient norm')
     group.add_argument('--momentum', type=float, default=0.9)
     group.add_argument('--weight-decay', type=float, default=0.05)
+    group.add_argument('--no-pos-embed-decay', dest='pos_embed_decay', action='store_false',
+                       help="exclude MTViT's position embeddings from weight decay (the "
+                            "release's optimizer decayed them, as this script does by default)")
 
     group = parser.add_argument_group('learning rate schedule')
     group.add_argument('--sched', default='cosine', type=str)
@@ -218,9 +221,6 @@ def check_args(args: argparse.Namespace):
     if args.distillation_type != 'none' and not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                          f'(teacher weights cannot be downloaded)')
-    if args.finetune and args.resume:
-        raise UsageError('--finetune and --resume exclude each other: resume continues a run, '
-                         'finetune starts one from other weights')
 
 
 def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str):
@@ -299,7 +299,8 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
     # draw where an uninterrupted one does not) leave the process's random stream alone.
     loader_args = dict(num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
                        pin_memory=args.pin_mem and dist_state.device.type == 'cuda',
-                       generator=torch.Generator().manual_seed(args.seed))
+                       generator=torch.Generator().manual_seed(args.seed),
+                       worker_init_fn=ignore_stop_signals)
     world_size, rank = dist_state.world_size, dist_state.rank
     if args.dist_eval and dist_state.distributed:
         val_sampler = ShardSampler(len(dataset_val), num_replicas=world_size, rank=rank)
@@ -312,14 +313,8 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
         return None, val_loader, num_classes
     dataset_train, _ = build_dataset(
         True, transform=build_transform(True, **transform_args), **dataset_args)
-    if dist_state.distributed and args.repeated_aug:
-        train_sampler = RASampler(len(dataset_train), num_replicas=world_size, rank=rank,
-                                  shuffle=True, seed=args.seed)
-    elif dist_state.distributed:
-        train_sampler = torch.utils.data.DistributedSampler(
-            dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    else:
-        train_sampler = torch.utils.data.RandomSampler(dataset_train)
+    train_sampler = build_train_sampler(dataset_train, num_replicas=world_size, rank=rank,
+                                        repeated_aug=args.repeated_aug, seed=args.seed)
     if len(train_sampler) < args.batch_size:
         raise UsageError(f'--batch-size {args.batch_size} exceeds the {len(train_sampler)} '
                          f'training images each process sees: no full batch')
@@ -328,50 +323,6 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
         SeededDataset(dataset_train), sampler=SeededSampler(train_sampler, args.seed, rank),
         batch_size=args.batch_size, drop_last=True, **loader_args)
     return train_loader, val_loader, num_classes
-
-
-def build_criterion(args: argparse.Namespace, num_classes: int, device: torch.device):
-    """Mixup/CutMix (or None) and the loss, with distillation when asked."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from losses import DistillationLoss, build_teacher
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                         cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
-    if mixup_fn is not None:
-        base_criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        base_criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        base_criterion = torch.nn.CrossEntropyLoss()
-    teacher = None
-    if args.distillation_type != 'none':
-        teacher = build_teacher(args.teacher_model, args.teacher_path, num_classes, device)
-    criterion = DistillationLoss(base_criterion, teacher, args.distillation_type,
-                                 args.distillation_alpha, args.distillation_tau)
-    return mixup_fn, criterion
-
-
-def save_checkpoint(path: str, model, optimizer, lr_scheduler, loss_scaler, model_ema,
-                    epoch: int, args: argparse.Namespace):
-    """Writes the run's whole state, with every process's random-number state (for an exact
-    resume), atomically by the main process."""
-    rng_states = all_gather_object(get_rng_state())
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-             'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch,
-             'scaler': loss_scaler.state_dict(), 'args': vars(args).copy(),
-             'rng_states': rng_states}
-    if model_ema is not None:
-        state['model_ema'] = model_ema.module.state_dict()
-    non_finite = [name for name, tensor in state['model'].items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if non_finite:
-        raise NonFiniteLossError(f'weights became non-finite at epoch {epoch} '
-                                 f'({", ".join(non_finite[:4])}); not saving, {path} is kept')
-    save_checkpoint_atomic(state, path)
 
 
 def main(args: argparse.Namespace):
@@ -398,27 +349,28 @@ def run(args: argparse.Namespace, dist_state):
     print(json.dumps(vars(args), default=str))
     seed_everything(args.seed, dist_state.rank)
 
-    train = not (args.eval or args.visualize_mask or args.only_test_speed)
+    training = not (args.eval or args.visualize_mask or args.only_test_speed)
     train_loader = val_loader = None
     if args.only_test_speed:
         num_classes = (resumed_weights['head.weight'].shape[0]
                        if resumed_weights and 'head.weight' in resumed_weights
                        else DEFAULT_NUM_CLASSES)
     else:
-        train_loader, val_loader, num_classes = build_loaders(args, dist_state, train)
+        train_loader, val_loader, num_classes = build_loaders(args, dist_state, training)
 
     model = create_model(args, num_classes)
-    if args.finetune:
+    if args.finetune and args.resume:  # a finetuning run resumed: its own weights go on
+        print(f'--resume {args.resume}: the run continues from it, --finetune {args.finetune} '
+              f'is not loaded')
+    elif args.finetune:
         finetune_from(model, args.finetune)
     if resumed_weights is not None:
         load_weights(model, resumed_weights, args.resume)
     model.to(device)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_parameters = count_parameters(model)
     print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters')
 
     amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None
-    # MTViT takes its keep rates as per-block token counts (see engine.reduction_kwargs).
-    token_counts = model.token_counts if is_mtvit(args.model) else None
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     if args.flops:
@@ -445,124 +397,76 @@ def run(args: argparse.Namespace, dist_state):
                             world_size=dist_state.world_size)
         print(f'visualisation: {len(written)} files written to {args.output_dir or "."}')
         return None
-    sharded_eval = args.dist_eval and dist_state.distributed
     if args.eval:
-        model = torch.compile(model) if args.compile else model
-        test_stats = evaluate(val_loader, model, device, amp_dtype=amp_dtype, sharded=sharded_eval,
-                              token_counts=token_counts)
+        # MTViT takes its keep rates as per-block token counts (see engine.reduction_kwargs).
+        test_stats = evaluate(val_loader, torch.compile(model) if args.compile else model, device,
+                              amp_dtype=amp_dtype, sharded=args.dist_eval and dist_state.distributed,
+                              token_counts=model.token_counts if is_mtvit(args.model) else None)
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats
-    return train_loop(args, dist_state, model, train_loader, val_loader, num_classes,
-                      checkpoint, n_parameters, amp_dtype, sharded_eval, token_counts)
+    return train(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint)
 
 
-def train_loop(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint,
-               n_parameters, amp_dtype, sharded_eval, token_counts):
-    """Trains from --start_epoch (or the resumed epoch) to --epochs, evaluating, checkpointing
-    and logging after every epoch; returns the last evaluation's stats."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
+def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_loader, val_loader,
+          num_classes: int, checkpoint: Optional[dict]) -> dict:
+    """Builds the optimizer, schedule, EMA, scaler and criterion from the flags, restores them
+    from a resumed checkpoint, and trains; returns the last evaluation's stats."""
     device = dist_state.device
-    model_without_ddp = model
-    model_ema = None
-    if args.model_ema:
-        # V3 updates all weights in a few fused (foreach) kernels, not one per tensor.
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None  # as run() has it
+    state = TrainingState(
+        model=model,
+        optimizer=build_optimizer(
+            model, opt=args.opt, lr=scaled_lr(args.lr, args.batch_size, dist_state.world_size),
+            weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
+            betas=args.opt_betas,
+            decay_position_embeddings=is_mtvit(args.model) and args.pos_embed_decay),
+        lr_scheduler=None,
+        # bf16 has float32's range: only fp16 needs its loss scaled.
+        loss_scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        model_ema=(build_ema(model, decay=args.model_ema_decay,
+                             force_cpu=args.model_ema_force_cpu) if args.model_ema else None))
+    state.lr_scheduler = build_scheduler(
+        state.optimizer, sched=args.sched, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+        decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
+        patience_epochs=args.patience_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std, seed=args.seed)
+    start_epoch, first_iteration = args.start_epoch, 0
+    if checkpoint is not None and 'optimizer' in checkpoint:
+        start_epoch, first_iteration = state.restore(checkpoint, rank=dist_state.rank,
+                                                     world_size=dist_state.world_size)
+        print(f'resumed {args.resume} at epoch {start_epoch} iteration {first_iteration}')
+    mixup_fn, criterion = build_criterion(
+        num_classes, device, mixup=args.mixup, cutmix=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax, mixup_prob=args.mixup_prob,
+        mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
+        smoothing=args.smoothing, distillation_type=args.distillation_type,
+        teacher_model=args.teacher_model, teacher_path=args.teacher_path,
+        distillation_alpha=args.distillation_alpha, distillation_tau=args.distillation_tau)
     if dist_state.distributed:
-        device_ids = [device.index] if device.type == 'cuda' else None
         # The model's only buffers are constants of its grid: nothing to broadcast each step.
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                          broadcast_buffers=False)
-    if args.compile:
-        model = torch.compile(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None,
+            broadcast_buffers=False)
+    loop = EpochLoop(
+        device=device, epochs=args.epochs, amp_dtype=amp_dtype, clip_grad=args.clip_grad,
+        keep_rate_schedule=(partial(keep_rate_at, iters_per_epoch=len(train_loader),
+                                    base_keep_rate=args.base_keep_rate,
+                                    shrink_start_epoch=args.shrink_start_epoch,
+                                    shrink_epochs=args.shrink_epochs)
+                            if is_mtvit(args.model) else None),
+        token_counts=state.model.token_counts if is_mtvit(args.model) else None,
+        set_training_mode=not args.finetune, sharded_eval=args.dist_eval and dist_state.distributed,
+        print_freq=args.print_freq, checkpoint_path=checkpoint_path_of(args),
+        output_dir=args.output_dir, n_parameters=count_parameters(state.model))
+    return fit(torch.compile(model) if args.compile else model, state, loop, criterion=criterion,
+               train_loader=train_loader, val_loader=val_loader, mixup_fn=mixup_fn,
+               start_epoch=start_epoch, first_iteration=first_iteration, run_args=vars(args).copy())
 
-    lr = args.lr * args.batch_size * dist_state.world_size / LR_REFERENCE_BATCH
-    optimizer_kwargs = dict(eps=args.opt_eps)
-    if args.opt_betas:
-        optimizer_kwargs['betas'] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=lr,
-                                    weight_decay=args.weight_decay, momentum=args.momentum,
-                                    **optimizer_kwargs)
-    lr_scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std, noise_seed=args.seed)
-    # bf16 has float32's range: only fp16 needs its loss scaled.
-    loss_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if args.output_dir and is_main_process():  # a checkpoint: weights, EMA, two Adam moments
-        weight_bytes = sum(p.numel() * p.element_size() for p in model_without_ddp.parameters())
-        warn_if_low_space(args.output_dir, (3 + bool(model_ema)) * weight_bytes)
-    mixup_fn, criterion = build_criterion(args, num_classes, device)
 
-    start_epoch = args.start_epoch
-    if checkpoint is not None and 'optimizer' in checkpoint and not args.eval:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if checkpoint.get('scaler'):  # empty when saved without fp16 AMP: nothing to restore
-            loss_scaler.load_state_dict(checkpoint['scaler'])
-        if model_ema is not None and 'model_ema' in checkpoint:
-            model_ema.module.load_state_dict(checkpoint['model_ema'])
-        start_epoch = checkpoint['epoch'] + 1
-        rng_states = checkpoint.get('rng_states') or []
-        if len(rng_states) == dist_state.world_size:
-            set_rng_state(rng_states[dist_state.rank])
-        print(f'resumed {args.resume} at epoch {start_epoch}')
-
-    keep_rate_schedule = None
-    if is_mtvit(args.model):
-        keep_rate_schedule = partial(keep_rate_at, iters_per_epoch=len(train_loader),
-                                     base_keep_rate=args.base_keep_rate,
-                                     shrink_start_epoch=args.shrink_start_epoch,
-                                     shrink_epochs=args.shrink_epochs)
-    writer = None
-    if args.output_dir and is_main_process():
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(logdir=os.path.join(args.output_dir, 'runs'))
-
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    test_stats = None
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            if hasattr(train_loader.sampler, 'set_epoch'):
-                train_loader.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(
-                model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-                amp_dtype=amp_dtype, clip_grad=args.clip_grad, model_ema=model_ema,
-                mixup_fn=mixup_fn, keep_rate_schedule=keep_rate_schedule,
-                token_counts=token_counts,
-                set_training_mode=not args.finetune,
-                writer=writer, print_freq=args.print_freq)
-            lr_scheduler.step(epoch)
-            test_stats = evaluate(val_loader, model, device, keep_rate=train_stats.get('keep_rate'),
-                                  amp_dtype=amp_dtype, sharded=sharded_eval,
-                                  token_counts=token_counts)
-            print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
-                  f'{test_stats["acc1"]:.1f}%')
-            if checkpoint_path_of(args):
-                save_checkpoint(checkpoint_path_of(args), model_without_ddp, optimizer,
-                                lr_scheduler, loss_scaler, model_ema, epoch, args)
-            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                         **{f'test_{k}': v for k, v in test_stats.items()},
-                         'epoch': epoch, 'n_parameters': n_parameters}
-            if writer is not None:
-                writer.add_scalar('test_acc1', test_stats['acc1'], epoch)
-                writer.add_scalar('test_acc5', test_stats['acc5'], epoch)
-                writer.flush()
-            if args.output_dir and is_main_process():
-                with open(os.path.join(args.output_dir, 'log.txt'), 'a') as handle:
-                    handle.write(json.dumps(log_stats) + '\n')
-    finally:  # also when training stops on an error: flushes the events, ends the thread
-        if writer is not None:
-            writer.close()
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f'Training time {total_time}')
-    return test_stats
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def checkpoint_path_of(args: argparse.Namespace) -> str:
@@ -582,6 +486,9 @@ def cli(argv=None) -> int:
         message, status = str(error), 2
     except NonFiniteLossError as error:
         message, status = str(error), 1
+    except Preempted as stopped:  # not an error: the run saved its state and can go on
+        print(f'main.py: {stopped}', file=sys.stderr, flush=True)
+        return stopped.exit_status
     except (MachineError, OSError, RuntimeError) as error:  # faults of the machine
         message = str(error) if isinstance(error, MachineError) else machine_error_message(error)
         if message is None or args.debug:

@@ -1,5 +1,6 @@
 """Which samples each process sees, and with which randomness: DeiT's repeated-augmentation
 sampler (Hoffer et al. 2020; Berman et al. 2019), evaluation shards, and per-sample seeds."""
+import itertools
 import math
 import operator
 import random
@@ -116,19 +117,39 @@ class SeededSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int):
-        """Selects the seeds (and the wrapped sampler's shuffle, if it has epochs) of ``epoch``."""
+    def set_epoch(self, epoch: int, start: int = 0):
+        """Selects the seeds (and the wrapped sampler's shuffle, if it has epochs) of ``epoch``,
+        and where its pass begins: ``start`` > 0 skips the first positions (a run resumed inside
+        the epoch), the others keep their indices and seeds."""
+        if not 0 <= start <= len(self.sampler):
+            raise ValueError(f'start {start} is outside the {len(self.sampler)} positions')
         self.epoch = epoch
+        self.start = start
         if hasattr(self.sampler, 'set_epoch'):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        for position, index in enumerate(self.sampler):
+        positions = itertools.islice(enumerate(self.sampler), self.start, None)
+        for position, index in positions:
             yield index, sample_seed(self.seed, self.epoch, self.rank, position)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.sampler) - self.start
+
+
+def build_train_sampler(dataset: torch.utils.data.Dataset, *, num_replicas: int, rank: int,
+                        repeated_aug: bool, seed: int) -> torch.utils.data.Sampler:
+    """The training sampler of process ``rank`` of ``num_replicas`` (1 for a single process):
+    ``RASampler`` with repeated augmentation, as the release used even for one process, else a
+    shuffling ``DistributedSampler``. Both shuffle with ``seed + epoch``, so an epoch's order can
+    be rebuilt when a run resumes inside it."""
+    if repeated_aug:
+        return RASampler(len(dataset), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed)
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                               shuffle=True, seed=seed)
 
 
 @contextmanager
