@@ -168,11 +168,6 @@ def _unsafe_pickle_globals(path: str) -> list:
     (for protocol 4 and 5 pickles, at the FRAME opcode, before it reaches any global).
     """
     import pickletools
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        allowed = set(_get_allowed_globals())
-    except Exception:  # a private helper: without it, report every global
-        allowed = set()
     names = []
     try:
         with open(path, "rb") as handle:
@@ -180,9 +175,9 @@ def _unsafe_pickle_globals(path: str) -> list:
                 strings, memo, last_string = [], {}, None
                 for opcode, arg, _ in pickletools.genops(handle):
                     if opcode.name in ("GLOBAL", "INST"):
-                        names.append(arg.replace(" ", "."))
+                        names.append(tuple(arg.split(" ", 1)))
                     elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        names.append(f"{strings[-2]}.{strings[-1]}")
+                        names.append((strings[-2], strings[-1]))
                     if opcode.name in _PICKLE_STRING_OPS:
                         strings.append(arg)
                     elif opcode.name == "MEMOIZE":
@@ -194,7 +189,29 @@ def _unsafe_pickle_globals(path: str) -> list:
                     last_string = arg if opcode.name in _PICKLE_STRING_OPS else None
     except Exception:  # the end of the pickles, raw tensor data, or a damaged file
         pass
-    return list(dict.fromkeys(name for name in names if name not in allowed))
+    return [f"{module}.{name}" for module, name in dict.fromkeys(names)
+            if not _weights_only_allows(module, name)]
+
+
+def _weights_only_allows(module: str, name: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` accepts the global ``module.name``.
+
+    Asked through public API only: a two-opcode pickle naming the global is given to torch.load,
+    whose refusal names the global (``_GLOBAL_IN_ERROR``); an accepted global only gets the
+    file rejected later, as a checkpoint without torch's magic number. Nothing is executed, and
+    nothing outside torch's allow-list is imported.
+    """
+    import io
+    if "\n" in module or "\n" in name:  # cannot be written as a GLOBAL opcode, so never allowed
+        return False
+    probe = b"\x80\x02c" + f"{module}\n{name}\n".encode("utf-8") + b"."
+    try:
+        torch.load(io.BytesIO(probe), weights_only=True)
+    except pickle.UnpicklingError as error:
+        return _GLOBAL_IN_ERROR.search(str(error)) is None
+    except Exception:  # accepted, then refused for not being a checkpoint
+        return True
+    return True
 
 
 def _first_line(error: BaseException) -> str:
@@ -209,6 +226,33 @@ def _safetensors_device(map_location: Any) -> str:
     return "cpu"
 
 
+URL_SCHEMES = ("https://", "http://")
+
+
+def _cached_download(url: str) -> str:
+    """The local copy of ``url`` in the torch hub cache (``torch.hub.get_dir()/checkpoints``,
+    named by the URL's last path component as torch.hub names it), downloaded the first time.
+
+    The download goes to a temporary file renamed into place, so an interrupted one leaves
+    nothing behind that a later run would take for the checkpoint.
+    """
+    from urllib.parse import urlparse
+    name = os.path.basename(urlparse(url).path)
+    if not name:
+        raise CheckpointError(f"checkpoint URL {url} names no file")
+    directory = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(directory, name)
+    if os.path.isfile(cached):
+        return cached
+    print(f"downloading {url} to {cached}", flush=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        torch.hub.download_url_to_file(url, cached, progress=False)
+    except Exception as error:  # HTTP, network and file-system errors alike
+        raise CheckpointError(f"cannot download checkpoint {url}: {_first_line(error)}") from None
+    return cached
+
+
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
     """Load a checkpoint without executing code from the file.
 
@@ -218,14 +262,21 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
     returned as ``{'model': state_dict}``.
 
     Args:
-        path: checkpoint file.
+        path: checkpoint file, or an ``https://`` (``http://``) URL: downloaded once into the
+            torch hub cache, then loaded from there as a local file.
         map_location: as for torch.load.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or needs a global
-            outside the allow-list (the pickle is never executed).
+            outside the allow-list (the pickle is never executed), or the download failed.
     """
     path = os.fspath(path)
+    if path.startswith(URL_SCHEMES):
+        cached = _cached_download(path)
+        try:
+            return load_checkpoint(cached, map_location=map_location)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
@@ -262,7 +313,11 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """Bicubic resampling of a square grid of position embeddings behind one class-token entry
-    (as DeiT finetunes at a new resolution). (1, 1 + g * g, C) -> (1, 1 + gh * gw, C)."""
+    (as DeiT finetunes at a new resolution). (1, 1 + g * g, C) -> (1, 1 + gh * gw, C).
+
+    Raises:
+        ValueError: the entries behind the class token do not form a square grid.
+    """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     side = math.isqrt(patch_pos.shape[1])
     if side * side != patch_pos.shape[1]:
@@ -287,6 +342,19 @@ def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str
     target = model.state_dict()
     adapted = dict(state_dict)
     notes = []
+    if 'dist_token' in adapted and 'dist_token' not in target:
+        # A distilled DeiT: its class token and patches go on, the distillation token (position
+        # entry 1) and head do not.
+        for key in [key for key in adapted if key == 'dist_token' or key.startswith('head_dist.')]:
+            del adapted[key]
+        if 'pos_embed' in adapted:
+            adapted['pos_embed'] = torch.cat([adapted['pos_embed'][:, :1],
+                                              adapted['pos_embed'][:, 2:]], dim=1)
+        notes.append('dist_token, its position embedding and head_dist: dropped (the model has '
+                     'no distillation token)')
+    elif 'dist_token' in target and 'dist_token' not in adapted:
+        raise ValueError('the model has a distillation token, the checkpoint none: finetune '
+                         'from a distilled checkpoint, or use the model without distillation')
     source_pos = adapted.pop('pos_embed', None)
     if source_pos is None:
         source_pos = adapted.get('pos_embed_list.1')
@@ -322,6 +390,22 @@ def model_state_dict(checkpoint: dict, path: str) -> dict:
     return checkpoint
 
 
+# How many keys a mismatch message lists before abbreviating (it stays one readable line).
+MAX_KEYS_IN_MESSAGE = 8
+
+
+def _listed(keys: List[str]) -> str:
+    """The first ``MAX_KEYS_IN_MESSAGE`` of ``keys``, comma-separated, then the total if cut."""
+    more = f' ... ({len(keys)} in all)' if len(keys) > MAX_KEYS_IN_MESSAGE else ''
+    return ', '.join(keys[:MAX_KEYS_IN_MESSAGE]) + more
+
+
+def _shape_mismatches(state_dict: dict, target: dict) -> List[str]:
+    """``'key (checkpoint shape) vs (model shape)'`` for every key of both dicts whose tensor
+    shapes differ, sorted by key."""
+    return [f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
+            for key in sorted(set(target) & set(state_dict))
+            if state_dict[key].shape != target[key].shape]
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
@@ -329,11 +413,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
     target = model.state_dict()
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
-    wrong_shape = sorted(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
-                         for key in set(target) & set(state_dict)
-                         if state_dict[key].shape != target[key].shape)
+    wrong_shape = _shape_mismatches(state_dict, target)
     if missing or unexpected or wrong_shape:
-        problems = '; '.join(f'{name}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
+        problems = '; '.join(f'{name}: {_listed(keys)}'
                              for name, keys in (('missing', missing), ('unexpected', unexpected),
                                                 ('shape', wrong_shape)) if keys)
         raise CheckpointError(f'{path} does not fit --model {type(model).__name__} '
@@ -341,21 +423,19 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
     model.load_state_dict(state_dict, strict=True)
 
 
-
-
-def finetune_from(model: torch.nn.Module, path: str):
-    """Initialises ``model`` from a DeiT/timm or MTViT checkpoint (SPEC 6): resamples position
-    embeddings, drops a head of another class count; refuses when backbone weights are missing."""
-    state_dict = model_state_dict(load_checkpoint(path), path)
-    state_dict, notes = adapt_state_dict(state_dict, model)
-    target = model.state_dict()
-    wrong_shape = [key for key in set(target) & set(state_dict)
-                   if state_dict[key].shape != target[key].shape]
+def finetune_from(model: torch.nn.Module, path: str, state_dict: Optional[dict] = None):
+    """Initialises ``model`` from a DeiT/timm or MTViT checkpoint (at ``path``, or its weights
+    ``state_dict`` if already read): resamples position embeddings, drops a head of another class
+    count and a distillation token the model lacks; refuses when backbone weights are missing."""
+    if state_dict is None:
+        state_dict = model_state_dict(load_checkpoint(path), path)
+    try:
+        state_dict, notes = adapt_state_dict(state_dict, model)
+    except ValueError as error:
+        raise CheckpointError(f'{path} does not fit the model: {error}') from None
+    wrong_shape = _shape_mismatches(state_dict, model.state_dict())
     if wrong_shape:
-        shown = ', '.join(f'{key} {tuple(state_dict[key].shape)} vs {tuple(target[key].shape)}'
-                          for key in sorted(wrong_shape)[:8])
-        more = f' ... ({len(wrong_shape)} in all)' if len(wrong_shape) > 8 else ''
-        raise CheckpointError(f'{path} does not fit the model: shapes differ for {shown}{more}')
+        raise CheckpointError(f'{path} does not fit the model: shapes differ for {_listed(wrong_shape)}')
     result = model.load_state_dict(state_dict, strict=False)
     for note in notes:
         print(f'finetune: {note}')
@@ -363,6 +443,5 @@ def finetune_from(model: torch.nn.Module, path: str):
           f'unexpected keys {result.unexpected_keys}')
     missing_backbone = [key for key in result.missing_keys if key.startswith(BACKBONE_PREFIXES)]
     if missing_backbone:
-        raise CheckpointError(f'{path} lacks backbone weights {", ".join(missing_backbone[:8])}'
-                              f'{" ..." if len(missing_backbone) > 8 else ""}: refusing to '
-                              f'finetune from it')
+        raise CheckpointError(f'{path} lacks backbone weights {_listed(missing_backbone)}: '
+                              f'refusing to finetune from it')

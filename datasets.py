@@ -6,12 +6,10 @@ Supported sources (``build_dataset``):
 * ``CIFAR``  - CIFAR-100 as extracted by torchvision (``<data-path>/cifar-100-python``).
 * ``INAT`` / ``INAT19`` - iNaturalist 2018 / 2019 (COCO-style json files).
 * ``DIGITS`` - scikit-learn's bundled handwritten digits, needs no download.
-* ``ARROW``  - an ImageFolder tree packed into Arrow IPC files by ``pack_imagefolder``.
+* ``ARROW``  - an ImageFolder tree packed into Arrow IPC files by ``pack_arrow.py``.
 
-Run ``python datasets.py pack --src TREE --dst DIR`` to pack a tree and
-``python datasets.py export-digits --dst DIR`` to write the digits as an ImageFolder tree.
+The packer and the command line (``pack``, ``export-digits``) live in ``pack_arrow.py``.
 """
-import argparse
 import bisect
 import io
 import json
@@ -30,7 +28,7 @@ INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'fami
 INAT_YEARS = {'INAT': 2018, 'INAT19': 2019}
 
 IMAGEFOLDER_LAYOUT = '<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>'
-ARROW_LAYOUT = '<data-path>/train.arrow and <data-path>/val.arrow written by `python datasets.py pack`'
+ARROW_LAYOUT = '<data-path>/train.arrow and <data-path>/val.arrow written by `python pack_arrow.py pack`'
 
 # DeiT's eval resize: the crop keeps 87.5% of the resized side (256 -> 224).
 EVAL_CROP_FRACTION = 0.875
@@ -47,10 +45,6 @@ DIGITS_NUM_CLASSES = 10
 ARROW_FORMAT_KEY = b'mtvit_packed_imagefolder'
 ARROW_FORMAT_VERSION = b'1'
 ARROW_CLASSES_KEY = b'classes'
-DEFAULT_ROWS_PER_BATCH = 512
-# A batch is also flushed past this many encoded bytes, so a few huge files cannot exhaust memory.
-MAX_BATCH_BYTES = 256 * 1024 * 1024
-PACK_PROGRESS_EVERY = 10000
 # How many offending class folders an error message lists before abbreviating.
 MAX_NAMES_IN_MESSAGE = 5
 
@@ -225,7 +219,7 @@ def _class_folders(split_dir):
     return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
 
 
-def _check_split_dir(data_path, split):
+def check_split_dir(data_path, split):
     split_dir = os.path.join(data_path, split)
     if not os.path.isdir(data_path):
         raise DatasetError(f'data path {data_path} does not exist or is not a directory; expected {IMAGEFOLDER_LAYOUT}')
@@ -248,7 +242,7 @@ def open_image_folder(data_path, split, transform=None, skip_bad_images=False):
     Raises ``DatasetError`` naming the path when the folder is missing, has no class folders,
     or has class folders without images (torchvision's image extensions).
     """
-    split_dir = _check_split_dir(data_path, split)
+    split_dir = check_split_dir(data_path, split)
     dataset = ImageFolderDataset(split_dir, transform=transform, skip_bad_images=skip_bad_images)
     classes_with_images = {target for _, target in dataset.samples}
     empty = [name for index, name in enumerate(dataset.classes) if index not in classes_with_images]
@@ -411,11 +405,11 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
 def digits_split(is_train):
     """Return ``(images, labels, indices)`` of the fixed train or val split of sklearn's digits.
 
-    ``images`` is uint8 RGB (N, 8, 8, 3) scaled from 0..16 to 0..255, ``indices`` the positions
-    in ``sklearn.datasets.load_digits()``. The split is stratified: each class's indices are
-    permuted by NumPy's legacy ``RandomState(0)`` (its stream is frozen across NumPy versions)
-    and the first 20% (rounded) go to val. Samples are ordered by (label, index), the order
-    ImageFolder gives the tree written by ``export_digits_imagefolder``.
+    ``images`` is uint8 RGB (N, 8, 8, 3) scaled from 0..16 to 0..255, ``labels`` (N,) int64,
+    ``indices`` (N,) the positions in ``sklearn.datasets.load_digits()``. The split is
+    stratified: each class's indices are permuted by NumPy's legacy ``RandomState(0)`` (its
+    stream is frozen across NumPy versions) and the first 20% (rounded) go to val. The same
+    stream then shuffles the split's samples, so that any run of them mixes the classes.
     """
     from sklearn.datasets import load_digits
 
@@ -429,13 +423,15 @@ def digits_split(is_train):
         num_val = int(round(len(members) * DIGITS_VAL_FRACTION))
         chosen.append(np.sort(shuffled[num_val:] if is_train else shuffled[:num_val]))
     indices = np.concatenate(chosen)
+    # Class order would put only zeros in the first batches and the first visualised images.
+    indices = indices[rng.permutation(len(indices))]
     gray = np.round(digits.images[indices] * (255.0 / DIGITS_MAX_VALUE)).astype(np.uint8)
     images = np.repeat(gray[..., None], 3, axis=-1)
     return images, labels[indices], indices
 
 
 class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's handwritten digits as 8x8 RGB PIL images, fixed stratified train/val split."""
+    """scikit-learn's handwritten digits as 8x8 RGB PIL images: the fixed, stratified, shuffled split."""
 
     def __init__(self, is_train, transform=None, target_transform=None):
         self.images, labels, self.indices = digits_split(is_train)
@@ -461,7 +457,8 @@ def export_digits_imagefolder(root):
     """Write the digits split as an ImageFolder tree ``root/{train,val}/<class>/<index>.png``.
 
     ``<index>`` is the zero-padded position in ``load_digits()``, so ImageFolder over the tree
-    yields exactly ``DigitsDataset``'s samples in its order. Returns ``{split: image count}``.
+    yields exactly ``DigitsDataset``'s samples, ordered by (label, index) instead of shuffled.
+    Returns ``{split: image count}``.
     Refuses (``DatasetError``) to write into a non-empty split folder.
     """
     counts = {}
@@ -482,78 +479,6 @@ def export_digits_imagefolder(root):
 # Packed Arrow datasets (ARROW)
 # ---------------------------------------------------------------------------
 
-def _arrow_schema(classes):
-    import pyarrow as pa
-
-    return pa.schema(
-        [('image', pa.large_binary()), ('label', pa.int32()), ('path', pa.string())],
-        metadata={ARROW_FORMAT_KEY: ARROW_FORMAT_VERSION,
-                  ARROW_CLASSES_KEY: json.dumps(list(classes)).encode('utf-8')})
-
-
-def _pack_split(split_dir, dst_path, rows_per_batch, progress):
-    import pyarrow as pa
-
-    folder = open_image_folder(os.path.dirname(split_dir), os.path.basename(split_dir))
-    schema = _arrow_schema(folder.classes)
-    partial_path = dst_path + '.partial'
-    columns = {'image': [], 'label': [], 'path': []}
-    pending_bytes = 0
-
-    def flush(writer):
-        writer.write_batch(pa.record_batch([pa.array(columns[name], type=schema.field(name).type)
-                                            for name in schema.names], schema=schema))
-        for values in columns.values():
-            values.clear()
-
-    # Written under a temporary name and renamed at the end, so an interrupted pack never
-    # leaves a truncated file that looks complete.
-    try:
-        with pa.OSFile(partial_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
-            for count, (path, label) in enumerate(folder.samples, start=1):
-                try:
-                    with open(path, 'rb') as handle:
-                        encoded = handle.read()
-                except OSError as exc:
-                    raise DatasetError(f'cannot read image {path}: {exc.strerror or exc}') from exc
-                columns['image'].append(encoded)
-                columns['label'].append(label)
-                columns['path'].append(os.path.relpath(path, split_dir))
-                pending_bytes += len(encoded)
-                if len(columns['label']) >= rows_per_batch or pending_bytes >= MAX_BATCH_BYTES:
-                    flush(writer)
-                    pending_bytes = 0
-                if progress is not None and count % PACK_PROGRESS_EVERY == 0:
-                    progress(f'{split_dir}: packed {count}/{len(folder.samples)} images')
-            if columns['label']:
-                flush(writer)
-    except BaseException:
-        if os.path.exists(partial_path):
-            os.remove(partial_path)
-        raise
-    os.replace(partial_path, dst_path)
-    return len(folder.samples)
-
-
-def pack_imagefolder(src_root, dst_root, rows_per_batch=DEFAULT_ROWS_PER_BATCH, splits=('train', 'val'),
-                     progress=None):
-    """Pack ImageFolder trees ``src_root/<split>`` into Arrow IPC files ``dst_root/<split>.arrow``.
-
-    Columns: ``image`` (the file's encoded bytes, untouched), ``label`` (int32, ImageFolder's
-    index) and ``path`` (path relative to the split folder, for error messages); the class names
-    are JSON in the schema metadata. Rows keep ImageFolder's order and are written in record
-    batches of at most ``rows_per_batch`` rows (or ``MAX_BATCH_BYTES``), so memory stays bounded.
-    Every split is validated before anything is written. ``progress``, if given, is called with
-    a status line every ``PACK_PROGRESS_EVERY`` images. Returns ``{split: image count}``.
-    """
-    if rows_per_batch < 1:
-        raise DatasetError(f'rows_per_batch must be at least 1, got {rows_per_batch}')
-    split_dirs = {split: _check_split_dir(src_root, split) for split in splits}
-    os.makedirs(dst_root, exist_ok=True)
-    return {split: _pack_split(split_dir, os.path.join(dst_root, f'{split}.arrow'), rows_per_batch, progress)
-            for split, split_dir in split_dirs.items()}
-
-
 class ArrowImageDataset(BadImagePolicy, torch.utils.data.Dataset):
     """A packed ImageFolder split read from a memory-mapped Arrow IPC file.
 
@@ -573,7 +498,7 @@ class ArrowImageDataset(BadImagePolicy, torch.utils.data.Dataset):
         metadata = reader.schema.metadata or {}
         if metadata.get(ARROW_FORMAT_KEY) != ARROW_FORMAT_VERSION or ARROW_CLASSES_KEY not in metadata:
             raise DatasetError(f'{path} is not a packed image dataset; '
-                               f'expected a file written by `python datasets.py pack`')
+                               f'expected a file written by `python pack_arrow.py pack`')
         self.classes = json.loads(metadata[ARROW_CLASSES_KEY].decode('utf-8'))
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         batch_lengths = [reader.get_batch(index).num_rows for index in range(reader.num_record_batches)]
@@ -664,37 +589,8 @@ def build_dataset(is_train, data_set, data_path, transform, inat_category='name'
     return dataset, len(dataset.classes)
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-def _parse_command_line(argv):
-    parser = argparse.ArgumentParser(description='Prepare MTViT datasets.')
-    commands = parser.add_subparsers(dest='command', required=True)
-    pack = commands.add_parser('pack', help='pack an ImageFolder tree (train/ and val/) into Arrow files')
-    pack.add_argument('--src', required=True, help='tree with train/<class>/<image> and val/<class>/<image>')
-    pack.add_argument('--dst', required=True, help='output folder for train.arrow and val.arrow')
-    pack.add_argument('--rows-per-batch', type=int, default=DEFAULT_ROWS_PER_BATCH,
-                      help='images per Arrow record batch')
-    export = commands.add_parser('export-digits', help='write the DIGITS split as an ImageFolder tree')
-    export.add_argument('--dst', required=True, help='output folder (gets train/ and val/)')
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    """Run the command line; return the process exit status (2 on a data error)."""
-    args = _parse_command_line(argv)
-    try:
-        if args.command == 'pack':
-            counts = pack_imagefolder(args.src, args.dst, rows_per_batch=args.rows_per_batch, progress=print)
-        else:
-            counts = export_digits_imagefolder(args.dst)
-    except (DatasetError, OSError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    print(', '.join(f'{split}: {count} images' for split, count in counts.items()) + f' written to {args.dst}')
-    return 0
-
-
+# `python datasets.py pack|export-digits ...`, the earlier spelling of pack_arrow.py's command line.
 if __name__ == '__main__':
+    from pack_arrow import main
+
     sys.exit(main())

@@ -73,8 +73,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--drop_loc', type=parse_drop_loc, default=(3, 6, 9),
                        help='blocks that reduce tokens, e.g. "(3, 6, 9)"')
     group.add_argument('--multi-scale', '--multi_scale', dest='multi_scale', action='store_true',
-                       default=None, help='multi-scale front end (default: off, or as the '
-                                          'checkpoint with --resume)')
+                       default=None, help='multi-scale front end (default: as the checkpoint '
+                                          'of --resume or an MTViT --finetune source, else off)')
+    group.add_argument('--merge-any', action='store_true',
+                       help='give a timm ViT --model token mergence (--base_keep_rate at '
+                            '--drop_loc) on its own weights, for --eval, --finetune, training, '
+                            '--flops and --test_speed')
+    group.add_argument('--no-multi-scale', dest='multi_scale', action='store_false',
+                       help='single scale, also when finetuning from a multi-scale checkpoint')
     group.add_argument('--shrink_start_epoch', default=10, type=int,
                        help='epoch at which the keep rate starts to decrease from 1')
     group.add_argument('--shrink_epochs', default=0, type=int,
@@ -85,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--speed-batch-size', type=int, default=None,
                        help='throughput batch (default 32 on CPU, 64 on GPU)')
     group.add_argument('--speed-iterations', type=int, default=None,
-                       help='timed batches per round (default 3 on CPU, 30 on GPU)')
+                       help='timed batches per round (default: as many as fill 1 s on a CPU, '
+                            '0.5 s on a GPU; at least 3 and 30)')
     group.add_argument('--visualize_mask', action='store_true',
                        help='write merge-group pictures of validation images (with --resume)')
     group.add_argument('--n_visualization', default=128, type=int)
@@ -158,6 +165,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--inat-category', default='name', type=str,
                        choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family',
                                 'genus', 'name'))
+    group.add_argument('--use-lmdb', action='store_true',
+                       help="the release's LMDB input: not supported, see --data-set ARROW")
     group.add_argument('--skip-bad-images', action='store_true',
                        help='skip (and count) unreadable images instead of stopping')
 
@@ -198,14 +207,17 @@ def is_mtvit(model_name: str) -> bool:
     return model_name in models_mtvit.MTVIT_MODELS
 
 
+def reduces_tokens(args: argparse.Namespace) -> bool:
+    """MTViT, or a timm ViT given mergence by --merge-any: the model takes keep rates."""
+    return is_mtvit(args.model) or args.merge_any
+
+
 def check_args(args: argparse.Namespace):
     """Rejects flag values that cannot work, naming the flag."""
     import timm
     if not timm.is_model(args.model):
         raise UsageError(f'unknown --model {args.model!r}; MTViT models are '
                          f'{", ".join(models_mtvit.MTVIT_MODELS)}, or give any timm model name')
-    if not 0 < args.base_keep_rate <= 1:
-        raise UsageError(f'--base_keep_rate {args.base_keep_rate} must be in (0, 1]')
     if args.visualize_mask and not args.resume:
         raise UsageError('--visualize_mask needs --resume with the checkpoint to visualise')
     if args.visualize_mask and not is_mtvit(args.model):
@@ -218,20 +230,32 @@ def check_args(args: argparse.Namespace):
         raise UsageError(f'--input-size {args.input_size} must be positive')
     if args.shrink_epochs < 0 or args.shrink_start_epoch < 0:
         raise UsageError('--shrink_start_epoch and --shrink_epochs must be >= 0')
+    if args.merge_any and is_mtvit(args.model):
+        raise UsageError(f'--merge-any is for timm ViTs; {args.model} reduces tokens already')
+    if args.use_lmdb:
+        raise UsageError('--use-lmdb: LMDB files are not supported; pack the ImageFolder tree '
+                         'once with `python pack_arrow.py pack SRC DST`, then train with '
+                         '--data-set ARROW --data-path DST')
     if args.distillation_type != 'none' and not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                          f'(teacher weights cannot be downloaded)')
 
 
-def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str):
-    """Takes the model's shape (multi-scale, input size) from the checkpoint where the command
-    line does not give it; a flag that contradicts the checkpoint is an error."""
+def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str,
+                              finetune_weights: Optional[dict] = None):
+    """Takes the model's shape (multi-scale, input size) from the resumed checkpoint's weights
+    ``state_dict`` where the command line does not give it (a flag that contradicts it is an
+    error), and the multi-scale choice from an MTViT ``--finetune`` source's weights."""
     patch_size = models_mtvit.MTVIT_PRESETS.get(args.model, {}).get('patch_size', 16)
     if state_dict is not None and is_mtvit(args.model):
         checkpoint_multi_scale = 'pos_embed_list.1' in state_dict
-        if args.multi_scale and not checkpoint_multi_scale:
-            raise UsageError(f'--multi-scale contradicts {path}, a single-scale checkpoint')
+        if args.multi_scale is not None and args.multi_scale != checkpoint_multi_scale:
+            flag = '--multi-scale' if args.multi_scale else '--no-multi-scale'
+            kind = 'multi-scale' if checkpoint_multi_scale else 'single-scale'
+            raise UsageError(f'{flag} contradicts {path}, a {kind} checkpoint')
         args.multi_scale = checkpoint_multi_scale
+    elif finetune_weights is not None and is_mtvit(args.model) and args.multi_scale is None:
+        args.multi_scale = 'pos_embed_list.1' in finetune_weights
     if state_dict is not None and args.input_size is None:
         pos_embed = state_dict.get('pos_embed_list.1', state_dict.get('pos_embed'))
         if pos_embed is not None:
@@ -241,33 +265,30 @@ def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dic
         args.input_size = DEFAULT_INPUT_SIZE
 
 
+CONFIG_FLAGS = {'img_size': '--input-size', 'base_keep_rate': '--base_keep_rate',
+                'drop_loc': '--drop_loc', 'multi_scale': '--multi-scale'}
+
+
 def check_model_config(args: argparse.Namespace):
-    """Rejects an MTViT shape that cannot be built, naming the flag, before any data is read
-    (the input size is final here: the command line's or the resumed checkpoint's)."""
+    """Rejects an MTViT shape that cannot be built (the model's own check), naming the flag,
+    before any data is read (the input size is final here: the command line's or the resumed
+    checkpoint's)."""
     if not is_mtvit(args.model):
         return
     preset = models_mtvit.MTVIT_PRESETS[args.model]
-    depth, patch_size = preset['depth'], preset['patch_size']
-    outside = [loc for loc in args.drop_loc if not 0 <= loc < depth]
-    if outside:
-        raise UsageError(f'--drop_loc {tuple(args.drop_loc)}: block(s) {tuple(outside)} do not '
-                         f'exist; {args.model} has blocks 0..{depth - 1}')
-    if args.input_size % patch_size:
-        raise UsageError(f'--input-size {args.input_size} is not a multiple of the patch size '
-                         f'{patch_size} of {args.model}')
-    grid = args.input_size // patch_size
-    if args.multi_scale and grid % 2:
-        raise UsageError(f'--multi-scale needs an even patch grid, but --input-size '
-                         f'{args.input_size} / patch {patch_size} gives {grid}x{grid} '
-                         f'(use a multiple of {2 * patch_size})')
-    first = models_mtvit.MULTI_SCALE_BLOCKS
-    if args.multi_scale and any(loc < first for loc in args.drop_loc):
-        raise UsageError(f'--multi-scale runs blocks 0..{first - 1} on two scales, so --drop_loc '
-                         f'{tuple(args.drop_loc)} must not reduce before block {first}')
+    try:
+        models_mtvit.check_config(
+            img_size=(args.input_size, args.input_size), patch_size=preset['patch_size'],
+            depth=preset['depth'], base_keep_rate=args.base_keep_rate, drop_loc=args.drop_loc,
+            multi_scale=args.multi_scale)
+    except models_mtvit.ConfigError as error:
+        raise UsageError(f'{CONFIG_FLAGS[error.setting]}: {error} ({args.model})') from None
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The --model, with the MTViT keyword arguments only for MTViT models."""
+    """The --model, with the MTViT keyword arguments only for MTViT models and the image size
+    only for models that take one (a ResNet takes any). A distilled DeiT trained with
+    distillation returns both heads' logits, for DistillationLoss to use each."""
     import timm
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   img_size=args.input_size)
@@ -277,9 +298,21 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     elif args.multi_scale:
         raise UsageError(f'--multi-scale needs an MTViT --model, not {args.model}')
     try:
-        return timm.create_model(args.model, pretrained=False, **kwargs)
-    except ValueError as error:
+        try:
+            model = timm.create_model(args.model, pretrained=False, **kwargs)
+        except TypeError as error:
+            if 'img_size' not in str(error):
+                raise
+            del kwargs['img_size']
+            model = timm.create_model(args.model, pretrained=False, **kwargs)
+        if args.merge_any:
+            models_mtvit.apply_mergence(model, keep_rate=args.base_keep_rate,
+                                        drop_loc=args.drop_loc)
+    except (TypeError, ValueError) as error:
         raise UsageError(f'--model {args.model}: {error}') from None
+    if hasattr(model, 'set_distilled_training'):
+        model.set_distilled_training(args.distillation_type != 'none')
+    return model
 
 
 def build_loaders(args: argparse.Namespace, dist_state, train: bool):
@@ -336,19 +369,10 @@ def main(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, dist_state):
+    """Everything after the process group exists: one of speed only, visualisation, evaluation
+    or training, each after the optional FLOPs and speed measurements."""
     device = dist_state.device
-    if args.output_dir:
-        check_output_dir(args.output_dir)
-    checkpoint_path = checkpoint_path_of(args)
-    if args.auto_resume and not args.resume and checkpoint_path and os.path.exists(checkpoint_path):
-        args.resume = checkpoint_path
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    resumed_weights = model_state_dict(checkpoint, args.resume) if checkpoint else None
-    reconcile_with_checkpoint(args, resumed_weights, args.resume)
-    check_model_config(args)
-    print(json.dumps(vars(args), default=str))
-    seed_everything(args.seed, dist_state.rank)
-
+    checkpoint, resumed_weights, finetune_weights = prepare(args, dist_state)
     training = not (args.eval or args.visualize_mask or args.only_test_speed)
     train_loader = val_loader = None
     if args.only_test_speed:
@@ -359,41 +383,28 @@ def run(args: argparse.Namespace, dist_state):
         train_loader, val_loader, num_classes = build_loaders(args, dist_state, training)
 
     model = create_model(args, num_classes)
-    if args.finetune and args.resume:  # a finetuning run resumed: its own weights go on
-        print(f'--resume {args.resume}: the run continues from it, --finetune {args.finetune} '
-              f'is not loaded')
-    elif args.finetune:
-        finetune_from(model, args.finetune)
+    if finetune_weights is not None:
+        finetune_from(model, args.finetune, finetune_weights)
     if resumed_weights is not None:
         load_weights(model, resumed_weights, args.resume)
     model.to(device)
-    n_parameters = count_parameters(model)
-    print(f'model {args.model}: {n_parameters / 1e6:.2f} M parameters')
-
+    print(f'model {args.model}: {count_parameters(model) / 1e6:.2f} M parameters')
     amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    if args.flops:
-        from speed_test import report_flops
-        report_flops(model, args.input_size, device)
-    if args.test_speed or args.only_test_speed:
-        from speed_test import report_throughput
-        report_throughput(
-            model, args.input_size, device, batch_size=args.speed_batch_size,
-            iterations=args.speed_iterations, amp_dtype=amp_dtype,
-            note=f'{n_parameters / 1e6:.2f} M parameters',
-            label=f'{args.model} multi_scale={args.multi_scale} '
-                  f'base_keep_rate={args.base_keep_rate}',
-            log_path=(os.path.join(args.output_dir, 'speed_macs.txt')
-                      if args.output_dir and is_main_process() else None))
+    if is_main_process():  # the release measured on the main process only
+        measure(args, model, device, amp_dtype)
     if args.only_test_speed:
         return None
     if args.visualize_mask:
         from visualize_mask import visualize
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        written = visualize(model, val_loader, device, args.output_dir or '.',
+        # The whole validation set, even when --dist-eval shards the loader: visualize shares
+        # the chosen images out over the processes itself.
+        written = visualize(model, val_loader.dataset, device, args.output_dir or '.',
                             n_visualization=args.n_visualization, mean=IMAGENET_DEFAULT_MEAN,
-                            std=IMAGENET_DEFAULT_STD, rank=dist_state.rank,
+                            std=IMAGENET_DEFAULT_STD, batch_size=val_loader.batch_size,
+                            num_workers=args.num_workers, rank=dist_state.rank,
                             world_size=dist_state.world_size)
         print(f'visualisation: {len(written)} files written to {args.output_dir or "."}')
         return None
@@ -401,11 +412,53 @@ def run(args: argparse.Namespace, dist_state):
         # MTViT takes its keep rates as per-block token counts (see engine.reduction_kwargs).
         test_stats = evaluate(val_loader, torch.compile(model) if args.compile else model, device,
                               amp_dtype=amp_dtype, sharded=args.dist_eval and dist_state.distributed,
-                              token_counts=model.token_counts if is_mtvit(args.model) else None)
+                              token_counts=model.token_counts if reduces_tokens(args) else None)
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats
     return train(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint)
+
+
+def prepare(args: argparse.Namespace, dist_state):
+    """Checks the output folder, reads the checkpoints (the resumed one, or with --auto-resume
+    output_dir's, and the --finetune source unless a resume makes it moot), completes the model's
+    shape from them, and seeds; returns (checkpoint, its weights, the finetune weights)."""
+    if args.output_dir:
+        check_output_dir(args.output_dir)
+    checkpoint_path = checkpoint_path_of(args)
+    if args.auto_resume and not args.resume and checkpoint_path and os.path.exists(checkpoint_path):
+        args.resume = checkpoint_path
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    resumed_weights = model_state_dict(checkpoint, args.resume) if checkpoint else None
+    finetune_weights = None
+    if args.finetune and args.resume:  # a finetuning run resumed: its own weights go on
+        print(f'--resume {args.resume}: the run continues from it, --finetune {args.finetune} '
+              f'is not loaded')
+    elif args.finetune:
+        finetune_weights = model_state_dict(load_checkpoint(args.finetune), args.finetune)
+    reconcile_with_checkpoint(args, resumed_weights, args.resume, finetune_weights)
+    check_model_config(args)
+    print(json.dumps(vars(args), default=str))
+    seed_everything(args.seed, dist_state.rank)
+    return checkpoint, resumed_weights, finetune_weights
+
+
+def measure(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+            amp_dtype: Optional[torch.dtype]) -> None:
+    """--flops and --test_speed (also written to output_dir/speed_macs.txt)."""
+    if args.flops:
+        from speed_test import report_flops
+        report_flops(model, args.input_size, device)
+    if args.test_speed or args.only_test_speed:
+        from speed_test import report_throughput
+        n_parameters = count_parameters(model)
+        report_throughput(
+            model, args.input_size, device, batch_size=args.speed_batch_size,
+            iterations=args.speed_iterations, amp_dtype=amp_dtype,
+            note=f'{n_parameters / 1e6:.2f} M parameters',
+            label=f'{args.model} multi_scale={args.multi_scale} '
+                  f'base_keep_rate={args.base_keep_rate}',
+            log_path=os.path.join(args.output_dir, 'speed_macs.txt') if args.output_dir else None)
 
 
 def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_loader, val_loader,
@@ -435,8 +488,10 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
     start_epoch, first_iteration = args.start_epoch, 0
     if checkpoint is not None and 'optimizer' in checkpoint:
         start_epoch, first_iteration = state.restore(checkpoint, rank=dist_state.rank,
-                                                     world_size=dist_state.world_size)
-        print(f'resumed {args.resume} at epoch {start_epoch} iteration {first_iteration}')
+                                                     world_size=dist_state.world_size,
+                                                     path=args.resume)
+        inside = f' iteration {first_iteration}' if first_iteration else ''
+        print(f'resumed {args.resume} at epoch {start_epoch}{inside}')
     mixup_fn, criterion = build_criterion(
         num_classes, device, mixup=args.mixup, cutmix=args.cutmix,
         cutmix_minmax=args.cutmix_minmax, mixup_prob=args.mixup_prob,
@@ -455,8 +510,8 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
                                     base_keep_rate=args.base_keep_rate,
                                     shrink_start_epoch=args.shrink_start_epoch,
                                     shrink_epochs=args.shrink_epochs)
-                            if is_mtvit(args.model) else None),
-        token_counts=state.model.token_counts if is_mtvit(args.model) else None,
+                            if reduces_tokens(args) else None),
+        token_counts=state.model.token_counts if reduces_tokens(args) else None,
         set_training_mode=not args.finetune, sharded_eval=args.dist_eval and dist_state.distributed,
         print_freq=args.print_freq, checkpoint_path=checkpoint_path_of(args),
         output_dir=args.output_dir, n_parameters=count_parameters(state.model))

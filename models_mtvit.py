@@ -6,10 +6,10 @@ as a class-attention-weighted mean. With ``multi_scale=True`` the first blocks a
 half-resolution copy of the image and the two streams are fused before the first reduction.
 
 The parameter names are those of the original release (and of timm's DeiT), so checkpoints of
-either load with ``strict=True``. Importing this module registers the models with timm.
+either load with ``strict=True``. Importing this module registers the models with timm. The
+token maths lives in ``token_merging``, shared with ``apply_mergence`` (re-exported here), which
+gives any timm ViT the same reducing blocks.
 """
-import math
-import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import register_model
 
-__all__ = ['MTViT', 'merge_tokens', 'MTVIT_MODELS']
+from token_merging import (Reduction, apply_mergence, class_attention, keep_count, keep_counts,
+                           merge_tokens, per_block, reduce_through)
+
+__all__ = ['MTViT', 'apply_mergence', 'merge_tokens', 'MTVIT_MODELS']
 
 MULTI_SCALE_BLOCKS = 3
 """Blocks that run on both scales before the fusion module; reductions must come after them."""
 
 POOL = 2
 """The low-resolution stream and the pooled attention work on a grid halved in each direction."""
-
-Reduction = Tuple[torch.Tensor, torch.Tensor]
-"""What a reducing block reports: ``(kept_index (B, K), assignment (B, N - 1))``."""
 
 
 def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -60,52 +60,6 @@ def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.T
     return cells.reshape(batch, gh * POOL * gw * POOL, dim)
 
 
-def merge_tokens(
-        x: torch.Tensor,
-        cls_attention: torch.Tensor,
-        num_keep: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the ``num_keep`` most attended patch tokens and merge every other one into its
-    most similar kept token (SPEC 1.2).
-
-    A kept token becomes the class-attention-weighted mean of itself and the tokens merged
-    into it. Kept tokens come out in descending score order; the class token passes through.
-
-    Args:
-        x: (B, N, C) tokens, class token first.
-        cls_attention: (B, N - 1) class-token attention to each patch token (head mean).
-        num_keep: K, patch tokens kept, 1 <= K <= N - 1.
-    Returns:
-        x: (B, K + 1, C); kept_index: (B, K) positions among the input patch tokens of the kept
-        ones, in output order; assignment: (B, N - 1) output patch position of each input patch.
-    """
-    cls_token, patches = x[:, :1], x[:, 1:]
-    batch, _, dim = patches.shape
-    order = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
-    kept_index, pruned_index = order[:, :num_keep], order[:, num_keep:]
-
-    # The choice of merge target is discrete: no gradient flows through the similarities.
-    with torch.no_grad():
-        kept_unit = F.normalize(patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim)),
-                                dim=-1)
-        pruned_unit = F.normalize(
-            patches.gather(1, pruned_index.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
-        target = (pruned_unit @ kept_unit.transpose(1, 2)).argmax(dim=-1)
-        kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
-        assignment = torch.empty_like(order).scatter_(1, order,
-                                                      torch.cat([kept_position, target], 1))
-
-    # One scatter of every patch token, in input order, into the token it goes to (a kept token
-    # goes to itself): no gathered copies of the kept and pruned tokens on the gradient path.
-    weighted = patches * cls_attention.unsqueeze(-1)
-    weighted_sum = weighted.new_zeros(batch, num_keep, dim).scatter_add_(
-        1, assignment.unsqueeze(-1).expand(-1, -1, dim), weighted)
-    total_score = cls_attention.new_zeros(batch, num_keep).scatter_add_(1, assignment,
-                                                                         cls_attention)
-    merged = weighted_sum / total_score.unsqueeze(-1)
-    return torch.cat([cls_token, merged.to(x.dtype)], dim=1), kept_index, assignment
-
-
 class Attention(nn.Module):
     """Multi-head self-attention (fused kernel) that can also return the class token's row."""
 
@@ -133,9 +87,7 @@ class Attention(nn.Module):
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
         cls_attention = None
         if return_cls_attention:
-            # Only the class token's row of the attention matrix is needed: (B, H, 1, N).
-            cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
-            cls_attention = cls_logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+            cls_attention = class_attention(q, k, self.scale)
         return out, cls_attention
 
 
@@ -157,23 +109,8 @@ class Block(nn.Module):
 
     def num_keep(self, num_patches: int, keep_rate: Optional[float] = None,
                  tokens: Optional[int] = None) -> int:
-        """Patch tokens this block keeps out of ``num_patches`` (equal: no reduction).
-
-        ``tokens`` fixes the count whatever the configured rate; otherwise the block reduces only
-        when both its configured rate and the rate in force (``keep_rate``, default the
-        configured one) are below 1, keeping ``ceil(rate * num_patches)``.
-        """
-        if tokens is not None:
-            if not 0 < tokens <= num_patches:
-                raise ValueError(f'tokens={tokens} is outside 1..{num_patches}, '
-                                 f'the patch tokens this block receives')
-            return tokens
-        keep_rate = self.keep_rate if keep_rate is None else keep_rate
-        if keep_rate <= 0:
-            raise ValueError(f'keep rate {keep_rate} must be in (0, 1]')
-        if self.keep_rate >= 1 or keep_rate >= 1:
-            return num_patches
-        return math.ceil(keep_rate * num_patches)
+        """Patch tokens this block keeps out of ``num_patches`` (see ``keep_count``)."""
+        return keep_count(num_patches, self.keep_rate, keep_rate, tokens)
 
     def forward(self, x: torch.Tensor, keep_rate: Optional[float] = None,
                 tokens: Optional[int] = None) -> Tuple[torch.Tensor, Optional[Reduction]]:
@@ -352,14 +289,46 @@ class ScaleFusion(nn.Module):
         return u.permute(1, 2, 0)
 
 
-def _per_block(value, depth: int, name: str) -> list:
-    """A scalar (or None) repeated for every block, or a per-block sequence checked for length."""
-    if value is None or isinstance(value, numbers.Number):
-        return [value] * depth
-    values = list(value)
-    if len(values) != depth:
-        raise ValueError(f'{name} has {len(values)} entries, the model has {depth} blocks')
-    return values
+class ConfigError(ValueError):
+    """An MTViT shape that cannot be built; ``setting`` names the constructor argument at fault
+    ('img_size', 'base_keep_rate', 'drop_loc' or 'multi_scale')."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_config(*, img_size: Tuple[int, int], patch_size: int, depth: int,
+                 base_keep_rate: float, drop_loc: Sequence[int], multi_scale: bool
+                 ) -> Tuple[int, int]:
+    """The one check of an MTViT configuration (the model's, and main.py's before any data is
+    read); returns the patch grid (gh, gw).
+
+    Raises:
+        ConfigError: naming the setting at fault and why.
+    """
+    if any(side % patch_size for side in img_size):
+        raise ConfigError(f'input size {img_size[0]}x{img_size[1]} is not a multiple of the patch '
+                          f'size {patch_size}', 'img_size')
+    if not 0 < base_keep_rate <= 1:
+        raise ConfigError(f'base_keep_rate {base_keep_rate} must be in (0, 1]', 'base_keep_rate')
+    outside = tuple(loc for loc in drop_loc if not 0 <= loc < depth)
+    if outside:
+        raise ConfigError(f'block(s) {outside} of drop_loc {tuple(drop_loc)} do not exist; the '
+                          f'model has blocks 0..{depth - 1}', 'drop_loc')
+    grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+    if multi_scale and any(side % POOL for side in grid):
+        raise ConfigError(f'multi-scale needs an even patch grid, but input size '
+                          f'{img_size[0]}x{img_size[1]} / patch {patch_size} gives a '
+                          f'{grid[0]}x{grid[1]} grid (use a multiple of {POOL * patch_size})',
+                          'multi_scale')
+    if multi_scale and (depth <= MULTI_SCALE_BLOCKS
+                        or any(loc < MULTI_SCALE_BLOCKS for loc in drop_loc)):
+        raise ConfigError(f'multi-scale runs blocks 0..{MULTI_SCALE_BLOCKS - 1} on two scales, so '
+                          f'it needs depth > {MULTI_SCALE_BLOCKS} and no drop_loc before block '
+                          f'{MULTI_SCALE_BLOCKS}; got depth {depth}, drop_loc {tuple(drop_loc)}',
+                          'multi_scale')
+    return grid
 
 
 class MTViT(nn.Module):
@@ -390,8 +359,9 @@ class MTViT(nn.Module):
     ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
-        self.grid = self._check_config(self.img_size, patch_size, depth, base_keep_rate,
-                                       drop_loc, multi_scale)
+        self.grid = check_config(img_size=self.img_size, patch_size=patch_size, depth=depth,
+                                 base_keep_rate=base_keep_rate, drop_loc=drop_loc,
+                                 multi_scale=multi_scale)
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.multi_scale = multi_scale
@@ -421,25 +391,6 @@ class MTViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
-
-    @staticmethod
-    def _check_config(img_size, patch_size, depth, base_keep_rate, drop_loc, multi_scale):
-        """Validates the configuration; returns the patch grid (gh, gw)."""
-        if any(side % patch_size for side in img_size):
-            raise ValueError(f'input size {img_size} is not divisible by patch size {patch_size}')
-        if not 0 < base_keep_rate <= 1:
-            raise ValueError(f'base_keep_rate {base_keep_rate} must be in (0, 1]')
-        if any(not 0 <= loc < depth for loc in drop_loc):
-            raise ValueError(f'drop_loc {tuple(drop_loc)} must lie in 0..{depth - 1} (depth {depth})')
-        grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-        if multi_scale:
-            if any(side % POOL for side in grid):
-                raise ValueError(f'multi-scale needs an even patch grid; input size {img_size} '
-                                 f'with patch size {patch_size} gives {grid}')
-            if depth <= MULTI_SCALE_BLOCKS or any(loc < MULTI_SCALE_BLOCKS for loc in drop_loc):
-                raise ValueError(f'multi-scale needs depth > {MULTI_SCALE_BLOCKS} and drop_loc >= '
-                                 f'{MULTI_SCALE_BLOCKS}; got depth {depth}, drop_loc {tuple(drop_loc)}')
-        return grid
 
     def _init_weights(self):
         pos_embeds = self.pos_embed_list if self.multi_scale else [self.pos_embed]
@@ -480,14 +431,11 @@ class MTViT(nn.Module):
         equals ``model(x, keep_rate=rate)``; under torch.compile the ints become dynamic sizes,
         where a float rate would cost one recompilation per value.
         """
-        keep_rates = _per_block(keep_rate, len(self.blocks), 'keep_rate')
+        keep_rates = per_block(keep_rate, len(self.blocks), 'keep_rate')
         first = MULTI_SCALE_BLOCKS if self.multi_scale else 0
-        num_patches = self.grid[0] * self.grid[1]
         counts: List[Optional[int]] = [None] * first
-        for block, rate in zip(self.blocks[first:], keep_rates[first:]):
-            num_patches = block.num_keep(num_patches, rate)
-            counts.append(num_patches)
-        return counts
+        return counts + keep_counts(self.keep_rates[first:], self.grid[0] * self.grid[1],
+                                    keep_rates[first:])
 
     def _embed(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + N, C): patch tokens behind the class token, plus positions."""
@@ -514,8 +462,8 @@ class MTViT(nn.Module):
             raise ValueError(f'input size {tuple(x.shape[2:])} differs from the model\'s '
                              f'{self.img_size}')
         depth = len(self.blocks)
-        keep_rates = _per_block(keep_rate, depth, 'keep_rate')
-        token_counts = _per_block(tokens, depth, 'tokens')
+        keep_rates = per_block(keep_rate, depth, 'keep_rate')
+        token_counts = per_block(tokens, depth, 'tokens')
         first = 0
         if self.multi_scale:
             first = MULTI_SCALE_BLOCKS
@@ -525,11 +473,8 @@ class MTViT(nn.Module):
             x = self._multi_scale_front(x)
         else:
             x = self._embed(x, self.pos_embed)
-        reductions = []
-        for block, rate, count in zip(self.blocks[first:], keep_rates[first:], token_counts[first:]):
-            x, reduction = block(x, keep_rate=rate, tokens=count)
-            if reduction is not None:
-                reductions.append(reduction)
+        x, reductions = reduce_through(self.blocks[first:], x, keep_rates[first:],
+                                       token_counts[first:])
         return self.norm(x), reductions
 
     def forward(self, x: torch.Tensor,

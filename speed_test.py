@@ -16,6 +16,7 @@ and several ``--batch-size`` values (batch 1 gives the latency) select what is m
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -24,6 +25,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +36,10 @@ import torch.nn.functional as F
 # drifts with its clock: several rounds and their median say more than one long one).
 CPU_DEFAULTS = dict(batch_size=32, iterations=3, warmup=1, repeats=3)
 GPU_DEFAULTS = dict(batch_size=64, iterations=30, warmup=10, repeats=5)
+# main.py --test_speed: rounds of at least this many seconds (and `iterations` batches), so that a
+# small model's figure is not a few milliseconds of timer noise; the median of SPEED_ROUNDS.
+ROUND_SECONDS = {'cpu': 1.0, 'cuda': 0.5}
+SPEED_ROUNDS = 5
 AMP_DTYPES = {'none': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 GIB = 2 ** 30
 
@@ -202,15 +208,20 @@ def report_throughput(model: nn.Module, input_size: int, device: torch.device, l
                       batch_size: Optional[int] = None, iterations: Optional[int] = None,
                       amp_dtype: Optional[torch.dtype] = None, note: str = '',
                       log_path: Optional[str] = None) -> float:
-    """Measures inference throughput (``measure_throughput``; batch and iterations default to
-    the device's), prints it as ``main.py --test_speed`` does and appends the line to
-    ``log_path`` if given. Returns the median images/s."""
+    """Measures inference throughput (``measure_throughput``; the batch defaults to the
+    device's, the batches per round to as many as fill ``ROUND_SECONDS``), prints it
+    as ``main.py --test_speed`` does and appends the line to ``log_path`` if given. Returns the
+    median images/s."""
     defaults = CPU_DEFAULTS if device.type == 'cpu' else GPU_DEFAULTS
     batch_size = batch_size or defaults['batch_size']
-    runs = measure_throughput(model, input_size, device, batch_size=batch_size,
-                              iterations=iterations or defaults['iterations'],
-                              warmup=defaults['warmup'], repeats=defaults['repeats'],
-                              amp_dtype=amp_dtype)
+    measure = partial(measure_throughput, model, input_size, device, batch_size=batch_size,
+                      amp_dtype=amp_dtype)
+    warmup = max(defaults['warmup'], 2)
+    if iterations is None:  # one round of one batch to size the rounds
+        [estimate] = measure(iterations=1, warmup=warmup, repeats=1)
+        round_seconds = ROUND_SECONDS.get(device.type, ROUND_SECONDS['cuda'])
+        iterations = max(defaults['iterations'], math.ceil(round_seconds * estimate / batch_size))
+    runs = measure(iterations=iterations, warmup=warmup, repeats=SPEED_ROUNDS)
     median = statistics.median(runs)
     precision = 'fp32' if amp_dtype is None else f'amp {str(amp_dtype).replace("torch.", "")}'
     line = (f'{label} input {input_size} batch {batch_size} on {device} ({precision}): '

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from checkpoints import save_checkpoint_atomic
+from checkpoints import CheckpointError, save_checkpoint_atomic
 from engine import evaluate, train_one_epoch
 from utils import (NonFiniteLossError, all_gather_object, all_reduce_min, get_rng_state,
                    is_dist_initialized, is_main_process, set_rng_state, warn_if_low_space)
@@ -125,10 +125,17 @@ class TrainingState:
                                      f'({", ".join(non_finite[:4])}); not saving, {path} is kept')
         save_checkpoint_atomic(state, path)
 
-    def restore(self, checkpoint: dict, *, rank: int, world_size: int) -> Tuple[int, int]:
+    def restore(self, checkpoint: dict, *, rank: int, world_size: int,
+                path: str = 'the checkpoint') -> Tuple[int, int]:
         """Loads the optimizer, schedule, scaler, EMA and (when the checkpoint has one per
         process of this run) the random state from ``checkpoint`` (the model's weights are
-        loaded before); returns ``(start_epoch, first_iteration)``."""
+        loaded before); returns ``(start_epoch, first_iteration)``.
+
+        Raises:
+            CheckpointError: the optimizer state does not fit this model's parameters (another
+                optimizer, parameter order or weight-decay grouping).
+        """
+        check_optimizer_state(self.optimizer, checkpoint['optimizer'], path)
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
         if checkpoint.get('scaler'):  # empty when saved without fp16 AMP: nothing to restore
@@ -139,6 +146,26 @@ class TrainingState:
         if len(rng_states) == world_size:
             set_rng_state(rng_states[rank])
         return checkpoint['epoch'] + 1, checkpoint.get('iteration', 0)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: str) -> None:
+    """Raises CheckpointError unless ``saved`` (an optimizer's state_dict) has this optimizer's
+    groups and, for every parameter, per-parameter tensors of that parameter's shape; torch would
+    load a mismatch silently and fail at the first step."""
+    saved_groups = saved.get('param_groups', [])
+    sizes = [len(group['params']) for group in optimizer.param_groups]
+    saved_sizes = [len(group['params']) for group in saved_groups]
+    if sizes != saved_sizes:
+        raise CheckpointError(f'{path}: its optimizer state has parameter groups of '
+                              f'{saved_sizes} parameters, this run {sizes} (another model, '
+                              f'optimizer or weight-decay grouping)')
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        for parameter, key in zip(group['params'], saved_group['params']):
+            for name, value in saved.get('state', {}).get(key, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != parameter.shape:
+                    raise CheckpointError(
+                        f'{path}: optimizer state {name!r} of parameter {key} has shape '
+                        f'{tuple(value.shape)}, the parameter {tuple(parameter.shape)}')
 
 
 class StopSignals:
@@ -229,7 +256,7 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
     try:
         with StopSignals(loop.device) as stop:
             for epoch in range(start_epoch, loop.epochs):
-                train_loader.sampler.set_epoch(epoch, start=first_iteration * train_loader.batch_size)
+                _set_epoch(train_loader, epoch, first_iteration)
                 train_stats = train_one_epoch(
                     model, criterion, train_loader, state.optimizer, loop.device, epoch,
                     state.loss_scaler, amp_dtype=loop.amp_dtype, clip_grad=loop.clip_grad,
@@ -259,6 +286,16 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
             writer.close()
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return test_stats
+
+
+def _set_epoch(train_loader, epoch: int, first_iteration: int) -> None:
+    """Selects the epoch's order and seeds (a ``SeededSampler``), starting after the batches of
+    ``first_iteration`` steps; a loader whose sampler has no epochs is left as it is."""
+    sampler = train_loader.sampler
+    if first_iteration:
+        sampler.set_epoch(epoch, start=first_iteration * train_loader.batch_size)
+    elif hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
 
 
 def _stop(state: TrainingState, loop: EpochLoop, signal_number: int, epoch: int,

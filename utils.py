@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch_env import LaunchError, detect_launch, launch_device
+
 BYTES_PER_MB = 1024.0 * 1024.0
 # numpy's legacy seeding only accepts values in [0, 2**32).
 NUMPY_SEED_MODULUS = 2 ** 32
@@ -120,60 +122,48 @@ def resolve_device(device: DeviceLike) -> torch.device:
     return resolved
 
 
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
-
-
 def init_distributed(device: DeviceLike, dist_url: str = "env://",
                      local_rank: Optional[int] = None) -> DistState:
     """Create the process group if this process was started by a distributed launcher.
 
-    RANK and WORLD_SIZE come from the environment (torchrun, and
-    ``torch.distributed.launch`` with or without ``--use_env``). LOCAL_RANK comes from the
-    environment, or from ``local_rank`` (the ``--local_rank`` argument of the deprecated
-    launcher without ``--use_env``). Without RANK/WORLD_SIZE the process runs alone and no
-    process group is created.
+    torchrun and ``torch.distributed.launch`` (with or without ``--use_env``, whose
+    ``--local_rank`` argument is ``local_rank``) are recognised by RANK and WORLD_SIZE, a plain
+    ``srun`` of several tasks by SLURM_PROCID and SLURM_NTASKS (see ``launch_env``). Without
+    either the process runs alone, no process group is created, and a CUDA ``device`` falls back
+    to the CPU where there is no GPU; a launched process whose device cannot be used stops with
+    a MachineError naming it instead.
 
     Args:
         device: requested device ('cpu', 'cuda', 'cuda:1', ...). With CUDA the process
             uses ``cuda:<local_rank>`` when distributed.
-        dist_url: init method of the process group.
+        dist_url: init method of the process group (srun: ``env://`` means MASTER_ADDR and
+            MASTER_PORT, or the job's first host and a port derived from its id).
         local_rank: local rank passed on the command line by the deprecated launcher.
 
     Returns:
         The DistState of this process. On every process ``print`` is wrapped so that only
         rank 0 prints unless ``force=True`` is given; ``cleanup()`` restores it.
     """
-    target = resolve_device(device)
-    rank = _env_int("RANK")
-    world_size = _env_int("WORLD_SIZE")
-
-    if rank is None or world_size is None:
+    try:
+        launch = detect_launch(dist_url=dist_url, local_rank=local_rank)
+        if launch is not None:
+            target, local_rank = launch_device(device=str(device), launch=launch)
+    except LaunchError as error:
+        raise MachineError(str(error), exit_status=error.exit_status) from None
+    if launch is None:
         _install_print_filter(is_main=True)
         return DistState(distributed=False, rank=0, world_size=1,
                          local_rank=0 if local_rank is None else local_rank,
-                         device=target, backend=None)
+                         device=resolve_device(device), backend=None)
 
-    env_local_rank = _env_int("LOCAL_RANK")
-    if env_local_rank is not None:
-        local_rank = env_local_rank
-    elif local_rank is None:
-        local_rank = rank % torch.cuda.device_count() if target.type == "cuda" else 0
-
-    if target.type == "cuda":
-        backend = "nccl"
-        target = torch.device("cuda", local_rank)
-        torch.cuda.set_device(target)
-    else:
-        backend = "gloo"
-
+    backend = "nccl" if target.type == "cuda" else "gloo"
+    rank, world_size = launch.rank, launch.world_size
     if not is_dist_initialized():
-        print(f"| distributed init (rank {rank}/{world_size}, {backend}): {dist_url}",
-              flush=True)
+        print(f"| distributed init (rank {rank}/{world_size}, {backend}): {launch.init_method} "
+              f"({launch.launcher})", flush=True)
         # Binding the device up front lets NCCL collectives (barrier included) know
         # which GPU this rank owns.
-        dist.init_process_group(backend=backend, init_method=dist_url,
+        dist.init_process_group(backend=backend, init_method=launch.init_method,
                                 world_size=world_size, rank=rank,
                                 device_id=target if backend == "nccl" else None)
     _install_print_filter(is_main=rank == 0)

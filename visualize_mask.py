@@ -1,16 +1,18 @@
 """Pictures of token mergence: which original patches ended up in the same token (SPEC 4).
 
-For every validation image this writes the input and, after each reduction stage of the model,
+For every visualised image this writes the input and, after each reduction stage of the model,
 a picture in which every original patch is filled with the mean colour of its group (all the
 patches merged into the same token by then), group borders drawn with scikit-image morphology.
 One overview per batch puts the input and the stages of every image side by side.
 
-Works for any patch grid and any number of reductions (none included), single- or multi-scale,
-on any device, in one process or several (each process writes its own share of the images).
+The images are ``n_visualization`` dataset positions spread evenly over the validation set; in a
+run of several processes each process takes every world_size-th of them, so every image is
+written exactly once, whatever shards the evaluation. Works for any patch grid and any number of
+reductions (none included), single- or multi-scale, on any device.
 
-File names in ``output_dir`` (``g`` = global image index, 0 .. n_visualization - 1, unique
-across processes; ``s`` = stage, 1 .. number of reductions, counted in block order):
-    img{g:05d}_input.png, img{g:05d}_stage{s}.png, batch{rank}_{b:04d}_overview.png
+File names in ``output_dir`` (``g`` = the image's index in the dataset, at least 5 digits;
+``s`` = stage, 1 .. number of reductions, counted in block order; ``r`` = rank, ``b`` = batch):
+    img{g:05d}_input.png, img{g:05d}_stage{s}.png, batch{r}_{b:04d}_overview.png
 """
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ['BORDER_COLOUR', 'group_assignments', 'denormalize', 'to_uint8', 'paint_groups',
-           'overview', 'image_share', 'visualize']
+           'overview', 'visualization_indices', 'visualize']
 
 BORDER_COLOUR = (255, 255, 255)
 """RGB of group borders (white): visible on the mean colours of natural images."""
@@ -38,6 +40,10 @@ MAX_LEVEL = 255
 """uint8 value of a colour channel at intensity 1."""
 
 RGB = 3
+
+MIN_INDEX_DIGITS = 5
+"""File names carry the dataset index with at least this many digits (ImageNet's 50,000
+validation images need exactly five)."""
 
 
 def group_assignments(reductions: Sequence[Tuple[torch.Tensor, torch.Tensor]],
@@ -172,16 +178,21 @@ def overview(columns: Sequence[np.ndarray]) -> np.ndarray:
                   :cols * (width + OVERVIEW_GAP) - OVERVIEW_GAP]
 
 
-def image_share(n_visualization: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """This process's part of the ``n_visualization`` images: (first global index, count).
+def visualization_indices(dataset_len: int, n_visualization: int, rank: int,
+                          world_size: int) -> List[int]:
+    """The dataset indices this process visualises.
 
-    The first ``n_visualization % world_size`` ranks take one image more; consecutive ranks
-    take consecutive global indices, so the shares tile 0 .. n_visualization - 1 exactly.
+    ``n = min(n_visualization, dataset_len)`` positions spread evenly over the dataset
+    (``i * dataset_len // n`` for i = 0 .. n - 1, all distinct), of which process ``rank``
+    takes every ``world_size``-th from the ``rank``-th on: the processes' shares are disjoint
+    and together hold all n.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f'rank {rank} is outside 0..{world_size - 1}')
-    base, extra = divmod(n_visualization, world_size)
-    return rank * base + min(rank, extra), base + (rank < extra)
+    if n_visualization < 0:
+        raise ValueError(f'n_visualization must be >= 0, got {n_visualization}')
+    count = min(n_visualization, dataset_len)
+    return [i * dataset_len // count for i in range(rank, count, world_size)]
 
 
 def _save_png(array: np.ndarray, path: str) -> str:
@@ -191,54 +202,63 @@ def _save_png(array: np.ndarray, path: str) -> str:
     return path
 
 
-def visualize(model: torch.nn.Module, data_loader, device: Union[str, torch.device],
+def visualize(model: torch.nn.Module, dataset, device: Union[str, torch.device],
               output_dir: str, n_visualization: int, mean: Sequence[float],
-              std: Sequence[float], keep_rate: Optional[Union[float, Sequence[float]]] = None,
-              rank: int = 0, world_size: int = 1) -> List[str]:
+              std: Sequence[float], batch_size: int,
+              keep_rate: Optional[Union[float, Sequence[float]]] = None, rank: int = 0,
+              world_size: int = 1, num_workers: int = 0) -> List[str]:
     """Writes the inputs and mergence pictures of this process's share of the images.
 
     The model runs in eval mode without gradients (its mode is restored afterwards) on the
-    first images of ``data_loader`` until this process has written its share
-    (``image_share``), so all processes together write exactly ``n_visualization`` images.
+    images ``visualization_indices`` gives this process, so that all processes together write
+    each of the ``min(n_visualization, len(dataset))`` images exactly once.
 
     Args:
         model: an MTViT (or a wrapper such as DDP with the MTViT as ``.module``); patch size
             and grid are read from it (``patch_embed.patch_size``, ``grid``).
-        data_loader: yields (images (B, 3, H, W) normalised with ``mean``/``std``, targets)
-            at the model's input size; targets are ignored.
+        dataset: the whole validation set (not a process's shard): item i is (image (3, H, W)
+            normalised with ``mean``/``std`` at the model's input size, target); targets are
+            ignored.
         device: where the model runs.
         output_dir: created if missing; file names in the module docstring.
         n_visualization: images written by all processes together.
         mean, std: per-channel input normalisation (3 values each).
+        batch_size: images per forward pass (and per overview).
         keep_rate: passed to the model (None: its configured rates).
         rank, world_size: this process and the number of processes.
+        num_workers: data-loader worker processes reading the images.
     Returns:
         The paths written, in order of writing.
     """
+    from torch.utils.data import DataLoader, Subset
+
     net = getattr(model, 'module', model)
     grid = tuple(net.grid)
     patch_size = tuple(net.patch_embed.patch_size)
-    if n_visualization < 0:
-        raise ValueError(f'n_visualization must be >= 0, got {n_visualization}')
-    first_index, share = image_share(n_visualization=n_visualization, rank=rank,
-                                     world_size=world_size)
+    indices = visualization_indices(dataset_len=len(dataset), n_visualization=n_visualization,
+                                    rank=rank, world_size=world_size)
+    if n_visualization > len(dataset):
+        print(f'visualize_mask: n_visualization {n_visualization} exceeds the {len(dataset)} '
+              f'validation images; visualising all of them')
     os.makedirs(output_dir, exist_ok=True)
+    # Names sort in dataset order for any dataset size.
+    digits = max(MIN_INDEX_DIGITS, len(str(max(len(dataset) - 1, 0))))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
     written = []
-    if share == 0:
-        return written
     done = 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for batch_index, (images, _) in enumerate(data_loader):
-            images = images[:share - done].to(device, non_blocking=True)
+        for batch_index, (images, _) in enumerate(loader):
+            images = images.to(device, non_blocking=True)
             _, reductions = model(images, keep_rate=keep_rate, get_idx=True)
             groups = group_assignments(reductions=reductions, num_patches=grid[0] * grid[1])
             inputs = to_uint8(denormalize(images=images, mean=mean, std=std).permute(0, 2, 3, 1))
             stages = paint_groups(images=images, groups=groups, grid=grid, patch_size=patch_size,
                                   mean=mean, std=std)
             for i in range(len(images)):
-                prefix = os.path.join(output_dir, f'img{first_index + done + i:05d}')
+                prefix = os.path.join(output_dir, f'img{indices[done + i]:0{digits}d}')
                 written.append(_save_png(inputs[i], f'{prefix}_input.png'))
                 for stage, pictures in enumerate(stages, start=1):
                     written.append(_save_png(pictures[i], f'{prefix}_stage{stage}.png'))
@@ -246,10 +266,5 @@ def visualize(model: torch.nn.Module, data_loader, device: Union[str, torch.devi
                 overview(columns=[inputs, *stages]),
                 os.path.join(output_dir, f'batch{rank}_{batch_index:04d}_overview.png')))
             done += len(images)
-            if done == share:
-                break
     model.train(was_training)
-    if done < share:
-        print(f'visualize_mask: the data loader of rank {rank} ran out after {done} of its '
-              f'{share} images')
     return written

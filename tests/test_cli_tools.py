@@ -165,8 +165,10 @@ def test_visualize_mask_writes_n_images(tmp_path, capsys, multi_scale, batch_siz
     inputs = sorted(path.name for path in out_dir.glob('img*_input.png'))
     stages = sorted(path.name for path in out_dir.glob('img*_stage*.png'))
     overviews = sorted(out_dir.glob('*_overview.png'))
-    assert inputs == [f'img{index:05d}_input.png' for index in range(n_images)]
-    assert stages == sorted(f'img{index:05d}_stage{stage}.png' for index in range(n_images)
+    # Images spread evenly over the 359 validation images, named by their dataset index.
+    indices = [position * 359 // n_images for position in range(n_images)]
+    assert inputs == [f'img{index:05d}_input.png' for index in indices]
+    assert stages == sorted(f'img{index:05d}_stage{stage}.png' for index in indices
                             for stage in range(1, VIS_STAGES + 1))
     assert len(overviews) == len(rows_per_overview)
     assert len(list(out_dir.iterdir())) == len(inputs) + len(stages) + len(overviews)

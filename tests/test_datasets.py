@@ -1,11 +1,7 @@
-"""Tests for datasets.py: transforms, every data set kind, bad images, Arrow packing and the CLI."""
+"""Tests for datasets.py: transforms, every data set kind and bad images (Arrow packing and the
+command line: tests/test_pack_arrow.py)."""
 import hashlib
 import json
-import multiprocessing
-import os
-import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,112 +11,27 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from dataset_helpers import (DIGITS_TRAIN_SIZE, DIGITS_VAL_SIZE, NUM_DIGITS, assert_same_samples,
+                             pixels, write_corrupt_tree, write_good_jpeg, write_truncated_jpeg)
 
-import datasets  # noqa: E402
-from datasets import DatasetError  # noqa: E402
+import datasets
+from datasets import DatasetError
 
-NUM_DIGITS = 1797
-# sha256 of the validation indices (little-endian int64): pins the split for every machine.
-DIGITS_VAL_SHA256 = '6bd7ef13e268b8ba45a298543f5571e07a7ee91cfc871f59b912625c7afa4fac'
-DIGITS_TRAIN_SIZE = 1438
-DIGITS_VAL_SIZE = 359
-
-
-# ---------------------------------------------------------------------------
-# Fixtures and helpers
-# ---------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def digits_tree(tmp_path_factory):
-    """The digits exported once as an ImageFolder tree (shared: writing 1,797 PNGs takes a moment)."""
-    root = tmp_path_factory.mktemp('digits')
-    counts = datasets.export_digits_imagefolder(str(root))
-    assert counts == {'train': DIGITS_TRAIN_SIZE, 'val': DIGITS_VAL_SIZE}
-    return root
+# sha256 of the validation indices (little-endian int64) sorted by (label, index): pins which
+# digits are validation images, for every machine (the set of the first, unshuffled release).
+DIGITS_VAL_SET_SHA256 = '6bd7ef13e268b8ba45a298543f5571e07a7ee91cfc871f59b912625c7afa4fac'
+# sha256 of the validation indices in the dataset's (shuffled) order: pins the order too.
+DIGITS_VAL_ORDER_SHA256 = '282a7d82034ebf69810aaf1a04c6bbe3a540d3174478916d1b2354661d186c05'
 
 
-def random_image(rng, mode, size):
-    """A random PIL image of ``mode`` ('RGB', 'L', 'RGBA' or 'P') and (width, height) ``size``."""
-    width, height = size
-    if mode == 'RGB':
-        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    if mode == 'RGBA':
-        return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8))
-    gray = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
-    return gray if mode == 'L' else gray.convert('P')
+def digits_positions(dataset):
+    """{load_digits() index: position in ``dataset``} of a DigitsDataset."""
+    return {int(index): position for position, index in enumerate(dataset.indices)}
 
 
-def write_mixed_tree(root, seed=0):
-    """Write a small ImageFolder tree mixing PNG/JPEG and colour modes; return the root."""
-    rng = np.random.default_rng(seed)
-    layout = {
-        'train': {'cat': 5, 'dog': 4, 'emu': 3},
-        'val': {'cat': 2, 'dog': 2, 'emu': 1},
-    }
-    modes = ['RGB', 'L', 'RGBA', 'P']
-    for split, classes in layout.items():
-        for class_name, count in classes.items():
-            class_dir = Path(root) / split / class_name
-            class_dir.mkdir(parents=True)
-            for number in range(count):
-                mode = modes[number % len(modes)]
-                size = (int(rng.integers(5, 20)), int(rng.integers(5, 20)))
-                image = random_image(rng, mode, size)
-                if number % 2 == 0 and mode in ('RGB', 'L'):
-                    image.save(class_dir / f'img{number}.jpg', quality=90)
-                else:
-                    image.save(class_dir / f'img{number}.png')
-    return Path(root)
-
-
-def write_good_jpeg(path, seed):
-    """Write a random 16x16 RGB JPEG."""
-    image = random_image(np.random.default_rng(seed), 'RGB', (16, 16))
-    image.save(path, quality=90)
-
-
-def write_truncated_jpeg(path):
-    """Write a JPEG cut to half its length (a typical partially downloaded file)."""
-    write_good_jpeg(path, seed=99)
-    data = Path(path).read_bytes()
-    Path(path).write_bytes(data[:len(data) // 2])
-
-
-def write_corrupt_tree(root):
-    """One class: a.jpg good, b.jpg truncated, c.jpg good, d.jpg garbage (last, to test wrap-around)."""
-    class_dir = Path(root) / 'train' / 'only'
-    class_dir.mkdir(parents=True)
-    write_good_jpeg(class_dir / 'a.jpg', seed=1)
-    write_truncated_jpeg(class_dir / 'b.jpg')
-    write_good_jpeg(class_dir / 'c.jpg', seed=3)
-    (class_dir / 'd.jpg').write_bytes(b'\xff\xd8 definitely not a jpeg')
-    (Path(root) / 'val' / 'only').mkdir(parents=True)
-    write_good_jpeg(Path(root) / 'val' / 'only' / 'v.jpg', seed=4)
-    return Path(root)
-
-
-def pixels(image):
-    """An image as a numpy array, for exact comparisons."""
-    return np.asarray(image)
-
-
-def assert_same_samples(dataset, reference):
-    """Every (image, label) pair of ``dataset`` equals ``reference``'s, in the same order."""
-    assert len(dataset) == len(reference)
-    for index in range(len(reference)):
-        image, label = dataset[index]
-        expected_image, expected_label = reference[index]
-        assert label == expected_label
-        assert image.mode == expected_image.mode == 'RGB'
-        np.testing.assert_array_equal(pixels(image), pixels(expected_image))
-
-
-def run_cli(*args):
-    """Run ``python datasets.py ARGS`` in a fresh process; return the completed process."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / 'datasets.py'), *args],
-                          capture_output=True, text=True, timeout=120, cwd=str(REPO_ROOT))
+def load_digits_index(path):
+    """The load_digits() index in the name of an exported file (``<class>/<index>.png``)."""
+    return int(Path(path).stem)
 
 
 # ---------------------------------------------------------------------------
@@ -135,8 +46,9 @@ def test_digits_split_is_pinned_stratified_disjoint_and_complete():
 
     again = datasets.digits_split(is_train=False)
     np.testing.assert_array_equal(again[2], val_indices)
-    digest = hashlib.sha256(np.asarray(val_indices, dtype='<i8').tobytes()).hexdigest()
-    assert digest == DIGITS_VAL_SHA256
+    by_class = val_indices[np.lexsort((val_indices, val_labels))]
+    assert hashlib.sha256(np.asarray(by_class, dtype='<i8').tobytes()).hexdigest() == DIGITS_VAL_SET_SHA256
+    assert hashlib.sha256(np.asarray(val_indices, dtype='<i8').tobytes()).hexdigest() == DIGITS_VAL_ORDER_SHA256
 
     assert len(train_indices) == DIGITS_TRAIN_SIZE and len(val_indices) == DIGITS_VAL_SIZE
     assert not set(train_indices.tolist()) & set(val_indices.tolist())
@@ -155,8 +67,22 @@ def test_digits_split_is_pinned_stratified_disjoint_and_complete():
         np.testing.assert_array_equal(val_images[..., channel], expected)
     assert val_images.min() == 0 and val_images.max() == 255
 
-    order = list(zip(val_labels.tolist(), val_indices.tolist()))
-    assert order == sorted(order)
+
+def test_digits_splits_are_a_fixed_shuffle_of_the_same_sets():
+    first = {is_train: datasets.digits_split(is_train) for is_train in (True, False)}
+    second = {is_train: datasets.digits_split(is_train) for is_train in (True, False)}
+    for is_train in (True, False):
+        images, labels, indices = first[is_train]
+        for part, again in zip((images, labels, indices), second[is_train]):
+            np.testing.assert_array_equal(part, again)
+        # Not in class order: the first images (first batch, first visualised) mix the digits.
+        assert len(set(labels[:10].tolist())) > 1, labels[:10]
+        order = list(zip(labels.tolist(), indices.tolist()))
+        assert order != sorted(order)
+    train_indices, val_indices = first[True][2], first[False][2]
+    assert not set(train_indices.tolist()) & set(val_indices.tolist())
+    assert len(set(train_indices.tolist())) == DIGITS_TRAIN_SIZE
+    assert len(set(val_indices.tolist())) == DIGITS_VAL_SIZE
 
 
 def test_build_dataset_digits_ignores_path_and_transforms_to_input_size():
@@ -170,15 +96,22 @@ def test_build_dataset_digits_ignores_path_and_transforms_to_input_size():
     assert (len(train_set), len(val_set)) == (DIGITS_TRAIN_SIZE, DIGITS_VAL_SIZE)
     assert train_set.classes == [str(digit) for digit in range(10)]
 
+    digit_of = load_digits_target()
     image, label = train_set[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-    assert label == train_set.targets[0] == 0
+    assert label == train_set.targets[0] == digit_of[train_set.indices[0]]
     image, label = val_set[len(val_set) - 1]
-    assert image.shape == (3, 48, 48) and label == 9
+    assert image.shape == (3, 48, 48) and label == digit_of[val_set.indices[-1]]
 
     raw_set, _ = datasets.build_dataset(is_train=False, data_set='DIGITS', data_path=None, transform=None)
     raw_image, _ = raw_set[0]
     assert raw_image.size == (8, 8) and raw_image.mode == 'RGB'
+
+
+def load_digits_target():
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
 
 
 def test_exported_digits_tree_equals_digits_dataset(digits_tree):
@@ -186,8 +119,12 @@ def test_exported_digits_tree_equals_digits_dataset(digits_tree):
         folder = ImageFolder(str(digits_tree / split))
         digits = datasets.DigitsDataset(is_train)
         assert folder.classes == digits.classes
-        assert folder.targets == digits.targets
-        assert_same_samples(folder, digits)
+        # The same samples; the tree in ImageFolder's (label, index) order, the dataset shuffled.
+        positions = digits_positions(digits)
+        order = [positions[load_digits_index(path)] for path, _ in folder.samples]
+        assert sorted(order) == list(range(len(digits)))
+        assert folder.targets == [digits.targets[position] for position in order]
+        assert_same_samples(folder, [digits[position] for position in order])
 
 
 def test_export_digits_refuses_non_empty_folder(digits_tree):
@@ -301,9 +238,10 @@ def test_imagefolder_loads_digits_tree(digits_tree):
                                                   data_path=str(digits_tree), transform=transform)
     assert num_classes == 10 and len(dataset) == DIGITS_VAL_SIZE
     digits = datasets.DigitsDataset(is_train=False, transform=transform)
+    positions = digits_positions(digits)
     for index in (0, 100, DIGITS_VAL_SIZE - 1):
         image, label = dataset[index]
-        expected_image, expected_label = digits[index]
+        expected_image, expected_label = digits[positions[load_digits_index(dataset.samples[index][0])]]
         assert label == expected_label
         torch.testing.assert_close(image, expected_image)
 
@@ -468,135 +406,3 @@ def test_all_images_bad_is_an_error(tmp_path):
                                         transform=None, skip_bad_images=True)
     with pytest.raises(DatasetError, match='no readable image'):
         dataset[0]
-
-
-def test_arrow_bad_image_named_and_skipped(tmp_path):
-    root = write_corrupt_tree(tmp_path / 'tree')
-    datasets.pack_imagefolder(str(root), str(tmp_path / 'packed'))
-    strict, _ = datasets.build_dataset(is_train=True, data_set='ARROW', data_path=str(tmp_path / 'packed'),
-                                       transform=None)
-    with pytest.raises(DatasetError) as excinfo:
-        strict[1]
-    message = str(excinfo.value)
-    assert str(tmp_path / 'packed' / 'train.arrow') in message and 'b.jpg' in message
-
-    lenient, _ = datasets.build_dataset(is_train=True, data_set='ARROW', data_path=str(tmp_path / 'packed'),
-                                        transform=None, skip_bad_images=True)
-    reference = ImageFolder(str(root / 'train'))
-    np.testing.assert_array_equal(pixels(lenient[1][0]), pixels(reference[2][0]))
-    np.testing.assert_array_equal(pixels(lenient[3][0]), pixels(reference[0][0]))
-    assert lenient.bad_images == 2
-
-
-# ---------------------------------------------------------------------------
-# Arrow packing
-# ---------------------------------------------------------------------------
-
-def test_pack_mixed_tree_reads_back_exactly(tmp_path):
-    import pyarrow as pa
-
-    source = write_mixed_tree(tmp_path / 'tree')
-    counts = datasets.pack_imagefolder(str(source), str(tmp_path / 'packed'), rows_per_batch=2)
-    assert counts == {'train': 12, 'val': 5}
-    assert sorted(os.listdir(tmp_path / 'packed')) == ['train.arrow', 'val.arrow']
-
-    for split in ('train', 'val'):
-        reference = ImageFolder(str(source / split))
-        packed, num_classes = datasets.build_dataset(is_train=split == 'train', data_set='ARROW',
-                                                     data_path=str(tmp_path / 'packed'), transform=None)
-        assert num_classes == 3
-        assert packed.classes == reference.classes == ['cat', 'dog', 'emu']
-        assert packed.targets == reference.targets
-        assert_same_samples(packed, reference)
-
-        with pa.memory_map(str(tmp_path / 'packed' / f'{split}.arrow')) as source_file:
-            reader = pa.ipc.open_file(source_file)
-            assert reader.num_record_batches == (len(reference) + 1) // 2
-            table = reader.read_all()
-        assert table.schema.field('label').type == pa.int32()
-        assert json.loads(table.schema.metadata[b'classes']) == reference.classes
-        raw = table.column('image').to_pylist()
-        assert raw == [Path(path).read_bytes() for path, _ in reference.samples]
-
-
-def test_pack_digits_tree_equals_imagefolder(digits_tree, tmp_path):
-    datasets.pack_imagefolder(str(digits_tree), str(tmp_path / 'packed'))
-    packed = datasets.ArrowImageDataset(str(tmp_path / 'packed' / 'val.arrow'))
-    assert_same_samples(packed, ImageFolder(str(digits_tree / 'val')))
-
-
-def test_pack_validates_every_split_before_writing(tmp_path):
-    (tmp_path / 'tree' / 'train' / 'a').mkdir(parents=True)
-    write_good_jpeg(tmp_path / 'tree' / 'train' / 'a' / 'x.jpg', seed=0)
-    with pytest.raises(DatasetError, match='val'):
-        datasets.pack_imagefolder(str(tmp_path / 'tree'), str(tmp_path / 'packed'))
-    assert not (tmp_path / 'packed').exists()
-
-
-def test_arrow_errors(tmp_path):
-    with pytest.raises(DatasetError, match='train.arrow'):
-        datasets.build_dataset(is_train=True, data_set='ARROW', data_path=str(tmp_path), transform=None)
-    (tmp_path / 'train.arrow').write_bytes(b'not arrow at all')
-    with pytest.raises(DatasetError, match='cannot open packed file'):
-        datasets.build_dataset(is_train=True, data_set='ARROW', data_path=str(tmp_path), transform=None)
-
-
-def test_arrow_dataset_pickles_small_and_works_in_worker_processes(tmp_path):
-    source = write_mixed_tree(tmp_path / 'tree')
-    datasets.pack_imagefolder(str(source), str(tmp_path / 'packed'), rows_per_batch=3)
-    transform = datasets.build_transform(is_train=False, input_size=16)
-    packed = datasets.ArrowImageDataset(str(tmp_path / 'packed' / 'train.arrow'), transform=transform)
-    packed[0]
-    assert packed._batches is not None
-    state = pickle.loads(pickle.dumps(packed))
-    assert state._batches is None
-    assert len(pickle.dumps(packed)) < 4096
-
-    # spawn, not fork: the workers really receive the dataset pickled.
-    loader = torch.utils.data.DataLoader(packed, batch_size=5, num_workers=2, shuffle=False,
-                                         multiprocessing_context=multiprocessing.get_context('spawn'))
-    images, labels = zip(*loader)
-    images, labels = torch.cat(images), torch.cat(labels)
-    reference = ImageFolder(str(source / 'train'), transform=transform)
-    assert labels.tolist() == reference.targets
-    torch.testing.assert_close(images, torch.stack([reference[index][0] for index in range(len(reference))]))
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-def test_cli_pack_and_errors(tmp_path):
-    source = write_mixed_tree(tmp_path / 'tree')
-    done = run_cli('pack', '--src', str(source), '--dst', str(tmp_path / 'packed'), '--rows-per-batch', '4')
-    assert done.returncode == 0, done.stderr
-    assert 'train: 12 images' in done.stdout and 'val: 5 images' in done.stdout
-    packed = datasets.ArrowImageDataset(str(tmp_path / 'packed' / 'val.arrow'))
-    assert_same_samples(packed, ImageFolder(str(source / 'val')))
-
-    missing = tmp_path / 'no-such-tree'
-    failed = run_cli('pack', '--src', str(missing), '--dst', str(tmp_path / 'out'))
-    assert failed.returncode == 2
-    assert failed.stdout == ''
-    lines = failed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and str(missing) in lines[0]
-    assert 'Traceback' not in failed.stderr
-    assert not (tmp_path / 'out').exists()
-
-
-def test_cli_export_digits_in_process(tmp_path, capsys):
-    assert datasets.main(['export-digits', '--dst', str(tmp_path / 'digits')]) == 0
-    assert f'train: {DIGITS_TRAIN_SIZE} images' in capsys.readouterr().out
-    assert len(ImageFolder(str(tmp_path / 'digits' / 'val'))) == DIGITS_VAL_SIZE
-    assert datasets.main(['export-digits', '--dst', str(tmp_path / 'digits')]) == 2
-    assert capsys.readouterr().err.startswith('error: refusing')
-
-
-def test_pack_unreadable_file_leaves_no_partial_output(tmp_path):
-    source = write_mixed_tree(tmp_path / 'tree')
-    dangling = source / 'train' / 'dog' / 'zz_missing.jpg'
-    dangling.symlink_to(tmp_path / 'nothing-here.jpg')
-    with pytest.raises(DatasetError) as excinfo:
-        datasets.pack_imagefolder(str(source), str(tmp_path / 'packed'))
-    assert str(dangling) in str(excinfo.value)
-    assert os.listdir(tmp_path / 'packed') == []

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,8 @@ if ROOT not in sys.path:
 import models_mtvit  # noqa: E402  (registers the MTViT models with timm)
 from datasets import digits_split  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
+from mtvit_reference import (ref_forward, reference_model, release_optimizer_state,  # noqa: E402
+                             release_state_dict)
 
 TINY = ['--model', 'deit_tiny_patch16_shrink_base', '--input-size', '32', '--batch-size', '32',
         '--num_workers', '0', '--device', 'cpu']
@@ -219,13 +222,13 @@ def test_drop_loc_code_is_rejected_not_evaluated(tree, tmp_path):
 
 def test_input_size_not_multiple_of_patch(tree, tmp_path):
     run = run_main([*tree_args(tree), *TINY, '--input-size', '40'], tmp_path, 'run')
-    assert_one_line_error(run, '--input-size 40', 'patch size 16')
+    assert_one_line_error(run, '--input-size', '40x40', 'patch size 16')
 
 
 def test_multi_scale_odd_patch_grid(tree, tmp_path):
     run = run_main([*tree_args(tree), *TINY, '--input-size', '48', '--multi-scale'],
                    tmp_path, 'run')
-    assert_one_line_error(run, '--multi-scale', '--input-size 48', '3x3')
+    assert_one_line_error(run, '--multi-scale', 'input size 48x48', '3x3')
 
 
 def test_corrupt_image_named_then_skipped(tmp_path):
@@ -234,8 +237,9 @@ def test_corrupt_image_named_then_skipped(tmp_path):
     content = open(bad, 'rb').read()
     with open(bad, 'wb') as handle:
         handle.write(content[:len(content) // 2])
-    # Every training image is read in the one epoch, so the bad one is always met.
-    argv = [*tree_args(data), *TINY, '--epochs', '1', '--batch-size', '40']
+    # Without repeated augmentation every training image is read in the one epoch, so the bad
+    # one is always met.
+    argv = [*tree_args(data), *TINY, '--epochs', '1', '--batch-size', '40', '--no-repeated-aug']
     run = run_main(argv, tmp_path, 'strict')
     assert_one_line_error(run, bad, 'cannot decode image')
 
@@ -449,22 +453,21 @@ def test_divergence_stops_and_keeps_good_checkpoint(tree, tiny_checkpoint, tmp_p
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, one_thread):
-    import main
+    from training import TrainingState
     from utils import NonFiniteLossError
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    state = TrainingState(model=model, optimizer=optimizer,
+                          lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
+                          loss_scaler=torch.amp.GradScaler('cpu', enabled=False))
     path = tmp_path / 'checkpoint.pth'
-    main.save_checkpoint(str(path), model, optimizer, scheduler, scaler, None, 0,
-                         argparse.Namespace(lr=0.1))
+    state.save(str(path), epoch=0, iteration=0, run_args={'lr': 0.1})
     before = sha256(path)
     with torch.no_grad():
         model.weight[0, 0] = float('nan')
     with pytest.raises(NonFiniteLossError, match=r'weights became non-finite at epoch 1 '
                                                   r'\(weight\)'):
-        main.save_checkpoint(str(path), model, optimizer, scheduler, scaler, None, 1,
-                             argparse.Namespace(lr=0.1))
+        state.save(str(path), epoch=1, iteration=0, run_args={'lr': 0.1})
     assert sha256(path) == before
     assert load_checkpoint(path)['epoch'] == 0
 
@@ -473,25 +476,36 @@ def test_non_finite_weights_are_never_saved(tmp_path, one_thread):
 # A checkpoint written by the original release
 # ---------------------------------------------------------------------------------------------
 
-def _release_checkpoint(path, epoch):
-    """What the release's main.py saved: args an argparse.Namespace (its drop_loc a string),
-    the optimizer state of an older torch (integer 'step'), a timm 0.4 cosine scheduler and
-    NativeScaler state, multi-scale weights with pos_embed_list."""
-    import timm
-    from timm.optim import create_optimizer_v2
-    torch.manual_seed(0)
-    model = timm.create_model('deit_tiny_patch16_shrink_base', num_classes=10, img_size=32,
-                              multi_scale=True)
-    optimizer = create_optimizer_v2(model, opt='adamw', lr=3e-5, weight_decay=0.05)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()
-    optimizer_state = optimizer.state_dict()
-    for state in optimizer_state['state'].values():
-        state['step'] = int(state['step'])
-    for group in optimizer_state['param_groups']:
-        for key in ('foreach', 'maximize', 'capturable', 'differentiable', 'fused',
-                    'decoupled_weight_decay'):
-            group.pop(key, None)
+# The release's MTViT-T multi-scale at 32x32 (grid 2): its keep rates (0.7 at blocks 3, 6, 9).
+RELEASE_CONFIG = dict(depth=12, multi_scale=True, dim=192, grid=2, patch=16, classes=10, hidden=768)
+RELEASE_HEADS = 3
+RELEASE_KEEP_RATES = [1, 1, 1, 0.7, 1, 1, 0.7, 1, 1, 0.7, 1, 1]
+# The head is fitted so that the reference classifies the first 15 validation images correctly
+# and the last 5 as the next digit: 75%, an accuracy that wrong weights do not reach by chance.
+RELEASE_RIGHT = 15
+RELEASE_MIN_MARGIN = 0.5
+
+
+def _reference_logits(state_dict, images):
+    """(B, classes) float64 logits of the slow reference (tests/mtvit_reference.py) on images."""
+    model = reference_model(state_dict, num_heads=RELEASE_HEADS, keep_rates=RELEASE_KEEP_RATES)
+    return ref_forward(model, images.double())[0]
+
+
+def _release_checkpoint(path, epoch, images, labels):
+    """What the release's main.py saved, built from the release's key names and shapes alone
+    (not with this project's model): args an argparse.Namespace (its drop_loc a string), AdamW
+    state of an older torch, a timm 0.4 cosine scheduler and NativeScaler state, multi-scale
+    weights with pos_embed_list. Returns the reference's logits (B, 10) on ``images``."""
+    state_dict = release_state_dict(seed=0, **RELEASE_CONFIG)
+    dim, classes = RELEASE_CONFIG['dim'], RELEASE_CONFIG['classes']
+    # The reference's class-token features: its logits through an identity head.
+    features = _reference_logits({**state_dict, 'head.weight': torch.eye(dim, dtype=torch.float64),
+                                  'head.bias': torch.zeros(dim, dtype=torch.float64)}, images)
+    wanted = torch.cat([labels[:RELEASE_RIGHT], (labels[RELEASE_RIGHT:] + 1) % classes])
+    targets = 2 * F.one_hot(wanted, classes).double() - 1
+    state_dict['head.weight'] = torch.linalg.lstsq(features, targets).solution.t().float()
+    state_dict['head.bias'] = torch.zeros(classes)
     scheduler_state = {
         't_initial': 300, 't_mul': 1.0, 'lr_min': 1e-5, 'decay_rate': 1.0, 'cycle_limit': 1,
         'warmup_t': 5, 'warmup_lr_init': 1e-6, 'warmup_prefix': False, 't_in_epochs': True,
@@ -503,13 +517,13 @@ def _release_checkpoint(path, epoch):
         model='deit_tiny_patch16_shrink_base', input_size=32, multi_scale=True,
         base_keep_rate=0.7, drop_loc='(3, 6, 9)', batch_size=32, epochs=300, lr=5e-4,
         data_set='IMNET', output_dir='/checkpoint/mtvit', device='cuda', seed=0)
-    torch.save({'model': model.state_dict(), 'optimizer': optimizer_state,
-                'lr_scheduler': scheduler_state, 'epoch': epoch,
-                'model_ema': model.state_dict(),
+    torch.save({'model': state_dict,
+                'optimizer': release_optimizer_state(state_dict, lr=3e-5, weight_decay=0.05, seed=1),
+                'lr_scheduler': scheduler_state, 'epoch': epoch, 'model_ema': dict(state_dict),
                 'scaler': {'scale': 65536.0, 'growth_factor': 2.0, 'backoff_factor': 0.5,
                            'growth_interval': 2000, '_growth_tracker': 0},
                 'args': args}, path)
-    return model
+    return _reference_logits(state_dict, images)
 
 
 @pytest.fixture
@@ -522,24 +536,34 @@ def one_thread():
 
 
 def test_original_release_checkpoint_loads(tree, tmp_path, one_thread):
-    import main
-    from engine import evaluate
-    from utils import DistState
+    from torchvision.datasets import ImageFolder
+
+    from datasets import build_transform
+    val = ImageFolder(os.path.join(tree, 'val'), transform=build_transform(is_train=False, input_size=32))
+    images = torch.stack([image for image, _ in val])
+    labels = torch.tensor(val.targets)
     release = tmp_path / 'release_checkpoint.pth'
-    model = _release_checkpoint(release, epoch=4)
+    logits = _release_checkpoint(release, epoch=4, images=images, labels=labels)
+    top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > RELEASE_MIN_MARGIN  # float32 cannot flip a prediction
+    expected = 100.0 * (logits.argmax(dim=1) == labels).double().mean().item()
+    assert expected == 100.0 * RELEASE_RIGHT / len(val)
+
+    # The checkpoint through this project's loader and model gives the reference's logits.
+    import timm
+    from checkpoints import load_weights, model_state_dict
+    model = timm.create_model('deit_tiny_patch16_shrink_base', num_classes=10, img_size=32,
+                              multi_scale=True).eval()
+    load_weights(model, model_state_dict(load_checkpoint(release), str(release)), str(release))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).double(), logits, rtol=0, atol=1e-4)
 
     # --eval: no --input-size or --multi-scale given, both come from the checkpoint.
     run = run_main([*tree_args(tree), '--model', 'deit_tiny_patch16_shrink_base',
                     '--batch-size', '32', '--num_workers', '0', '--device', 'cpu', '--eval',
                     '--resume', release], tmp_path, 'eval')
     assert run.exitcode == 0, run.stderr
-    args = main.get_args_parser().parse_args([*tree_args(tree), *TINY])
-    args.multi_scale = True
-    state = DistState(distributed=False, rank=0, world_size=1, local_rank=0,
-                      device=torch.device('cpu'), backend=None)
-    _, val_loader, _ = main.build_loaders(args, state, train=False)
-    expected = evaluate(val_loader, model, torch.device('cpu'))['acc1']
-    assert f'Accuracy of the network on the 20 test images: {expected:.1f}%' in run.stdout
+    assert f'Accuracy of the network on the {len(val)} test images: {expected:.1f}%' in run.stdout
 
     # --resume: training continues at the epoch after the release's.
     out = tmp_path / 'out'
@@ -548,7 +572,7 @@ def test_original_release_checkpoint_loads(tree, tmp_path, one_thread):
                     '--epochs', '6', '--resume', release, '--output_dir', out],
                    tmp_path, 'resume')
     assert run.exitcode == 0, run.stderr
-    assert f'resumed {release} at epoch 5\n' in run.stdout
+    assert f'resumed {release} at epoch 5' in run.stdout
     resumed = load_checkpoint(out / 'checkpoint.pth')
     assert resumed['epoch'] == 5
     assert resumed['args']['multi_scale'] is True and resumed['args']['input_size'] == 32

@@ -1,7 +1,7 @@
 """The fast paths of MTViT and of the training loop, each checked against a slow or plain one.
 
 1. ScaleFusion's dense (per-channel matrix product) fusion against its convolutions and against
-   the float64 SPEC reference of tests/test_models.py, values and gradients.
+   the float64 reference of tests/mtvit_reference.py, values and gradients.
 2. ``depthwise_as_matmul`` / ``depthwise_tap_placement`` against ``F.conv2d`` and a placement
    written out by hand.
 3. ``MTViT.token_counts``: ``tokens=model.token_counts(rate)`` is ``keep_rate=rate``.
@@ -30,8 +30,8 @@ for path in (REPO, TESTS):
 import engine  # noqa: E402
 import models_mtvit  # noqa: E402
 import utils  # noqa: E402
-from test_models import (assert_reductions_equal, images, make_model, ref_forward,  # noqa: E402
-                         reduction_sizes, tiny_kwargs)
+from mtvit_reference import (assert_reductions_equal, images, make_model, ref_forward,  # noqa: E402
+                             reduction_sizes, tiny_kwargs)
 
 FUSION_CONVS = ('lka.conv0', 'lka.conv_spatial', 'lka.conv1', 'peg')
 

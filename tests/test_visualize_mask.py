@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -16,7 +16,7 @@ import models_mtvit  # noqa: E402,F401  (registers the models with timm)
 from models_mtvit import merge_tokens  # noqa: E402
 from visualize_mask import (  # noqa: E402
     BORDER_COLOUR, OVERVIEW_BACKGROUND, OVERVIEW_GAP, denormalize, group_assignments,
-    image_share, overview, paint_groups, visualize)
+    overview, paint_groups, visualization_indices, visualize)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -242,13 +242,30 @@ def test_overview_layout():
     assert (canvas[:, 5:5 + OVERVIEW_GAP] == OVERVIEW_BACKGROUND).all()
 
 
-@pytest.mark.parametrize('n, world_size', [(12, 1), (12, 2), (7, 2), (5, 3), (2, 4), (0, 2)])
-def test_image_share_tiles_the_indices(n, world_size):
-    indices = []
-    for rank in range(world_size):
-        first, count = image_share(n_visualization=n, rank=rank, world_size=world_size)
-        indices.extend(range(first, first + count))
-    assert indices == list(range(n))
+@pytest.mark.parametrize('length, n, world_size', [
+    (12, 12, 1), (12, 12, 2), (12, 7, 2), (359, 6, 2), (10, 5, 3), (3, 2, 4), (5, 0, 2),
+    (4, 9, 2)])
+def test_visualization_indices_spread_and_shard(length, n, world_size):
+    shares = [visualization_indices(dataset_len=length, n_visualization=n, rank=rank,
+                                    world_size=world_size) for rank in range(world_size)]
+    count = min(n, length)
+    spread = [i * length // count for i in range(count)]
+    assert sorted(sum(shares, [])) == spread
+    assert len(set(spread)) == count and all(0 <= index < length for index in spread)
+    for rank, share in enumerate(shares):
+        assert share == spread[rank::world_size]
+    # Even spacing: gaps differ by at most one image.
+    gaps = {b - a for a, b in zip(spread, spread[1:])}
+    assert not gaps or max(gaps) - min(gaps) <= 1
+
+
+def test_visualization_indices_examples():
+    assert visualization_indices(dataset_len=359, n_visualization=6, rank=0, world_size=2) == [
+        0, 119, 239]
+    assert visualization_indices(dataset_len=359, n_visualization=6, rank=1, world_size=2) == [
+        59, 179, 299]
+    with pytest.raises(ValueError, match='rank 2'):
+        visualization_indices(dataset_len=10, n_visualization=2, rank=2, world_size=2)
 
 
 # visualize: 12 images, batches of 8.
@@ -262,9 +279,10 @@ def image_dataset():
     return TensorDataset(images, torch.arange(NUM_IMAGES))
 
 
-def run_visualize(model, loader, output_dir, n, **options):
-    return visualize(model=model, data_loader=loader, device='cpu', output_dir=str(output_dir),
-                     n_visualization=n, mean=IMAGENET_MEAN, std=IMAGENET_STD, **options)
+def run_visualize(model, dataset, output_dir, n, **options):
+    return visualize(model=model, dataset=dataset, device='cpu', output_dir=str(output_dir),
+                     n_visualization=n, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     batch_size=BATCH_SIZE, **options)
 
 
 def png(path):
@@ -278,6 +296,12 @@ def names(directory, suffix):
     return sorted(name for name in os.listdir(directory) if name.endswith(suffix))
 
 
+def input_picture(image):
+    """What visualize writes as the input picture of ``image`` (3, H, W): (H, W, 3) uint8."""
+    pixels = denormalize(images=image[None], mean=IMAGENET_MEAN, std=IMAGENET_STD)[0]
+    return (pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
 def overview_shape(rows, cols):
     return (rows * (IMG_SIZE + OVERVIEW_GAP) - OVERVIEW_GAP,
             cols * (IMG_SIZE + OVERVIEW_GAP) - OVERVIEW_GAP, 3)
@@ -287,8 +311,7 @@ def test_visualize_writes_every_picture(tmp_path):
     model = tiny_mtvit()
     model.train()
     dataset = image_dataset()
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=False)
-    written = run_visualize(model, loader, tmp_path, NUM_IMAGES)
+    written = run_visualize(model, dataset, tmp_path, NUM_IMAGES)
     num_stages = len(TINY_DROP_LOC)
 
     assert model.training  # mode restored
@@ -305,8 +328,7 @@ def test_visualize_writes_every_picture(tmp_path):
         assert png(tmp_path / name).shape == (IMG_SIZE, IMG_SIZE, 3)
 
     # The input picture is the denormalised image.
-    expected = denormalize(images=dataset.tensors[0][:1], mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    expected = (expected[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    expected = input_picture(dataset.tensors[0][0])
     assert np.array_equal(png(tmp_path / 'img00000_input.png'), expected)
 
     # The overviews: 8 then 4 rows, input + stages side by side.
@@ -330,18 +352,21 @@ def test_visualize_writes_every_picture(tmp_path):
         assert np.array_equal(png(tmp_path / f'img00001_stage{stage}.png'), pictures[1])
 
 
-def test_visualize_stops_at_n_inside_a_batch(tmp_path):
-    loader = DataLoader(image_dataset(), batch_size=BATCH_SIZE, shuffle=False)
-    run_visualize(tiny_mtvit(), loader, tmp_path, 5)
-    assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in range(5)]
+def test_visualize_spreads_n_over_the_dataset(tmp_path):
+    dataset = image_dataset()
+    run_visualize(tiny_mtvit(), dataset, tmp_path, 5)
+    spread = [0, 2, 4, 7, 9]  # i * 12 // 5
+    assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in spread]
     assert len(names(tmp_path, '.png')) == 5 * (1 + len(TINY_DROP_LOC)) + 1
     assert png(tmp_path / 'batch0_0000_overview.png').shape == overview_shape(
         5, 1 + len(TINY_DROP_LOC))
+    # Each file shows the image at the index in its name.
+    expected = input_picture(dataset.tensors[0][7])
+    assert np.array_equal(png(tmp_path / 'img00007_input.png'), expected)
 
 
 def test_visualize_without_reductions(tmp_path):
-    loader = DataLoader(image_dataset(), batch_size=BATCH_SIZE, shuffle=False)
-    run_visualize(tiny_mtvit(), loader, tmp_path, NUM_IMAGES, keep_rate=1.0)
+    run_visualize(tiny_mtvit(), image_dataset(), tmp_path, NUM_IMAGES, keep_rate=1.0)
     assert len(names(tmp_path, '_input.png')) == NUM_IMAGES
     assert not [name for name in os.listdir(tmp_path) if '_stage' in name]
     assert names(tmp_path, '_overview.png') == ['batch0_0000_overview.png',
@@ -351,16 +376,14 @@ def test_visualize_without_reductions(tmp_path):
 
 def test_visualize_multi_scale(tmp_path):
     model = tiny_mtvit(depth=5, drop_loc=(3, 4), multi_scale=True)
-    loader = DataLoader(image_dataset(), batch_size=BATCH_SIZE, shuffle=False)
-    written = run_visualize(model, loader, tmp_path, 3)
+    written = run_visualize(model, image_dataset(), tmp_path, 3)
     assert len(written) == 3 * (1 + 2) + 1
 
 
-def test_visualize_loader_shorter_than_n(tmp_path, capsys):
-    loader = DataLoader(image_dataset(), batch_size=BATCH_SIZE, shuffle=False)
-    run_visualize(tiny_mtvit(), loader, tmp_path, NUM_IMAGES + 8)
-    assert len(names(tmp_path, '_input.png')) == NUM_IMAGES
-    assert 'ran out after 12 of its 20 images' in capsys.readouterr().out
+def test_visualize_more_than_the_dataset_writes_every_image_once(tmp_path, capsys):
+    run_visualize(tiny_mtvit(), image_dataset(), tmp_path, NUM_IMAGES + 8)
+    assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in range(NUM_IMAGES)]
+    assert 'n_visualization 20 exceeds the 12 validation images' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('n', [NUM_IMAGES, 7])
@@ -368,20 +391,25 @@ def test_visualize_two_processes_share_n(tmp_path, n):
     world_size = 2
     dataset = image_dataset()
     model = tiny_mtvit()
-    written = []
+    written = [run_visualize(model, dataset, tmp_path, n, rank=rank, world_size=world_size)
+               for rank in range(world_size)]
+    every = written[0] + written[1]
+    assert len(every) == len(set(every)) == len(os.listdir(tmp_path))
+    spread = [i * NUM_IMAGES // n for i in range(n)]
+    assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in spread]
     for rank in range(world_size):
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
-        written.extend(run_visualize(model, loader, tmp_path, n, rank=rank,
-                                     world_size=world_size))
-    assert len(written) == len(set(written)) == len(os.listdir(tmp_path))
-    assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in range(n)]
+        mine = sorted(os.path.basename(path) for path in written[rank] if path.endswith('_input.png'))
+        assert mine == sorted(f'img{i:05d}_input.png' for i in spread[rank::world_size])
     assert len(names(tmp_path, '.png')) == n * (1 + len(TINY_DROP_LOC)) + world_size
     assert names(tmp_path, '_overview.png') == ['batch0_0000_overview.png',
                                                  'batch1_0000_overview.png']
-    # Rank 1's first image (global index ceil(n / 2)) is the first image of its loader.
-    first_of_rank1 = dataset.tensors[0][list(DistributedSampler(
-        dataset, num_replicas=world_size, rank=1, shuffle=False))[0]]
-    expected = denormalize(images=first_of_rank1[None], mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    expected = (expected[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    assert np.array_equal(png(tmp_path / f'img{math.ceil(n / 2):05d}_input.png'), expected)
+    # Rank 1's first image is the dataset's image at spread[1], under that index.
+    expected = input_picture(dataset.tensors[0][spread[1]])
+    assert np.array_equal(png(tmp_path / f'img{spread[1]:05d}_input.png'), expected)
+
+
+def test_visualize_names_files_with_enough_digits(tmp_path):
+    images = torch.randn(3, 3, IMG_SIZE, IMG_SIZE)
+    big = torch.utils.data.Subset(TensorDataset(images, torch.arange(3)), [0, 1, 2] * 40000)
+    run_visualize(tiny_mtvit(), big, tmp_path, 2)
+    assert names(tmp_path, '_input.png') == ['img000000_input.png', 'img060000_input.png']

@@ -1,0 +1,335 @@
+"""Token mergence: the token maths shared by MTViT and by any timm ViT it is applied to.
+
+At a reducing block, after attention, only the patch tokens the class token attends to most are
+kept; every other patch token is merged into the kept token it is most similar to (cosine
+similarity), as a class-attention-weighted mean. Prefix tokens (class, distillation, register
+tokens) pass through untouched.
+
+``apply_mergence(model, keep_rate, drop_loc)`` gives an off-the-shelf timm ``VisionTransformer``
+(DeiT, distilled DeiT, AugReg, DINOv2 with registers, CLIP image towers, ...) the reducing blocks
+of MTViT, reusing its own weights: the same object comes back, with the same state-dict keys,
+and takes ``keep_rate=`` / ``tokens=`` per call as MTViT does.
+"""
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+
+__all__ = ['apply_mergence', 'class_attention', 'keep_count', 'keep_counts', 'merge_tokens',
+           'per_block', 'reduce_through', 'MergingBlock', 'MergingVisionTransformer',
+           'MergingVisionTransformerDistilled']
+
+Reduction = Tuple[torch.Tensor, torch.Tensor]
+"""What a reducing block reports: ``(kept_index (B, K), assignment (B, N_patches))``."""
+
+
+def per_block(value, depth: int, name: str) -> list:
+    """A scalar (or None) repeated for every block, or a per-block sequence checked for length."""
+    if value is None or isinstance(value, numbers.Number):
+        return [value] * depth
+    values = list(value)
+    if len(values) != depth:
+        raise ValueError(f'{name} has {len(values)} entries, the model has {depth} blocks')
+    return values
+
+
+def keep_count(num_patches: int, configured_rate: float, keep_rate: Optional[float] = None,
+               tokens: Optional[int] = None) -> int:
+    """Patch tokens a block keeps out of the ``num_patches`` it receives (equal: no reduction).
+
+    ``tokens`` fixes the count whatever the rates; otherwise the block reduces only when both
+    its configured rate and the rate in force (``keep_rate``, default the configured one) are
+    below 1, keeping ``ceil(rate * num_patches)``.
+    """
+    if tokens is not None:
+        if not 0 < tokens <= num_patches:
+            raise ValueError(f'tokens={tokens} is outside 1..{num_patches}, '
+                             f'the patch tokens this block receives')
+        return tokens
+    keep_rate = configured_rate if keep_rate is None else keep_rate
+    if keep_rate <= 0:
+        raise ValueError(f'keep rate {keep_rate} must be in (0, 1]')
+    if configured_rate >= 1 or keep_rate >= 1:
+        return num_patches
+    return math.ceil(keep_rate * num_patches)
+
+
+def keep_counts(configured_rates: Sequence[float], num_patches: int,
+                keep_rates: Sequence[Optional[float]]) -> List[int]:
+    """Patch tokens each block of a chain keeps, the first receiving ``num_patches``: the
+    ``tokens`` argument equivalent to ``keep_rates`` (one per block, None: the configured one)."""
+    counts = []
+    for configured, rate in zip(configured_rates, keep_rates):
+        num_patches = keep_count(num_patches, configured, rate)
+        counts.append(num_patches)
+    return counts
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The class token's attention to each patch token, averaged over heads.
+
+    Only the class token's row of the attention matrix is computed: softmax over all tokens
+    (prefix tokens included, as in the attention itself), then the patch entries.
+
+    Args:
+        q, k: (B, H, N, D) queries and keys (after any q/k norm), class token first.
+        scale: the attention's logit scale (D ** -0.5).
+        num_prefix_tokens: P, the tokens before the patch tokens.
+    Returns:
+        (B, N - P) softmax weights.
+    """
+    cls_logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    return cls_logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
+
+
+def merge_tokens(
+        x: torch.Tensor,
+        cls_attention: torch.Tensor,
+        num_keep: int,
+        num_prefix_tokens: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the ``num_keep`` most attended patch tokens and merge every other one into its
+    most similar kept token.
+
+    A kept token becomes the class-attention-weighted mean of itself and the tokens merged
+    into it. Kept tokens come out in descending score order (ties: the earlier token first);
+    the prefix tokens pass through unchanged, in place.
+
+    Args:
+        x: (B, P + N, C) tokens, the P prefix tokens first (class token at 0).
+        cls_attention: (B, N) class-token attention to each patch token (head mean).
+        num_keep: K, patch tokens kept, 1 <= K <= N.
+        num_prefix_tokens: P.
+    Returns:
+        x: (B, P + K, C); kept_index: (B, K) positions among the input patch tokens of the kept
+        ones, in output order; assignment: (B, N) output patch position of each input patch.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    batch, _, dim = patches.shape
+    order = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
+    kept_index, pruned_index = order[:, :num_keep], order[:, num_keep:]
+
+    # The choice of merge target is discrete: no gradient flows through the similarities.
+    with torch.no_grad():
+        kept_unit = F.normalize(patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim)),
+                                dim=-1)
+        pruned_unit = F.normalize(
+            patches.gather(1, pruned_index.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
+        target = (pruned_unit @ kept_unit.transpose(1, 2)).argmax(dim=-1)
+        kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
+        assignment = torch.empty_like(order).scatter_(1, order,
+                                                      torch.cat([kept_position, target], 1))
+
+    # One scatter of every patch token, in input order, into the token it goes to (a kept token
+    # goes to itself): no gathered copies of the kept and pruned tokens on the gradient path.
+    weighted = patches * cls_attention.unsqueeze(-1)
+    weighted_sum = weighted.new_zeros(batch, num_keep, dim).scatter_add_(
+        1, assignment.unsqueeze(-1).expand(-1, -1, dim), weighted)
+    total_score = cls_attention.new_zeros(batch, num_keep).scatter_add_(1, assignment,
+                                                                         cls_attention)
+    merged = weighted_sum / total_score.unsqueeze(-1)
+    return torch.cat([prefix, merged.to(x.dtype)], dim=1), kept_index, assignment
+
+
+def reduce_through(blocks: Sequence[nn.Module], x: torch.Tensor, keep_rates: Sequence,
+                   token_counts: Sequence) -> Tuple[torch.Tensor, List[Reduction]]:
+    """Runs ``x`` (B, P + N, C) through reducing blocks (each ``block(x, keep_rate=, tokens=)``
+    returning ``(x, reduction or None)``), one rate and one token count (or None) per block.
+    Returns the tokens (B, P + K, C) and the reductions made, in block order."""
+    reductions = []
+    for block, rate, count in zip(blocks, keep_rates, token_counts):
+        x, reduction = block(x, keep_rate=rate, tokens=count)
+        if reduction is not None:
+            reductions.append(reduction)
+    return x, reductions
+
+
+# ---------------------------------------------------------------------------------------------
+# Any timm VisionTransformer
+# ---------------------------------------------------------------------------------------------
+
+def attend(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: Optional[int] = None
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """timm's ``Attention`` (q/k norm, scale norm, gate included) on its own weights, with the
+    fused kernel, also returning the class attention when ``num_prefix_tokens`` is given.
+
+    Args: x (B, N, C) normalised tokens. Returns (B, N, C) and the class attention (B, N - P)
+    or None.
+    """
+    batch, num_tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    cls_attention = None
+    if num_prefix_tokens is not None:
+        cls_attention = class_attention(q, k, attn.scale, num_prefix_tokens)
+    return out, cls_attention
+
+
+class MergingBlock(nn.Module):
+    """A timm pre-norm ``Block`` (layer scale, drop path) that reduces its tokens by mergence
+    between attention and MLP, as MTViT's blocks do. It adopts the block's own submodules under
+    the same names, so the model's state-dict keys do not change."""
+
+    def __init__(self, block: nn.Module, keep_rate: float, num_prefix_tokens: int):
+        super().__init__()
+        self.keep_rate = keep_rate
+        self.num_prefix_tokens = num_prefix_tokens
+        for name in ('norm1', 'attn', 'ls1', 'drop_path1', 'norm2', 'mlp', 'ls2', 'drop_path2'):
+            setattr(self, name, getattr(block, name))
+
+    def num_keep(self, num_patches: int, keep_rate: Optional[float] = None,
+                 tokens: Optional[int] = None) -> int:
+        """Patch tokens this block keeps out of ``num_patches`` (see ``keep_count``)."""
+        return keep_count(num_patches, self.keep_rate, keep_rate, tokens)
+
+    def forward(self, x: torch.Tensor, keep_rate: Optional[float] = None,
+                tokens: Optional[int] = None) -> Tuple[torch.Tensor, Optional[Reduction]]:
+        """Args: x (B, P + N, C). Returns x (B, P + K, C) and the reduction made, or None."""
+        num_patches = x.shape[1] - self.num_prefix_tokens
+        num_keep = self.num_keep(num_patches, keep_rate, tokens)
+        reduces = num_keep < num_patches
+        attn, cls_attention = attend(self.attn, self.norm1(x),
+                                     self.num_prefix_tokens if reduces else None)
+        x = x + self.drop_path1(self.ls1(attn))
+        reduction = None
+        if reduces:
+            x, kept_index, assignment = merge_tokens(x, cls_attention, num_keep,
+                                                     num_prefix_tokens=self.num_prefix_tokens)
+            reduction = (kept_index, assignment)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, reduction
+
+
+class _MergenceForward:
+    """The forward of a timm ViT whose blocks are ``MergingBlock``s: MTViT's call signature.
+    Mixed into the model's own class by ``apply_mergence``; everything else stays timm's."""
+
+    def token_counts(self, keep_rate: Union[float, Sequence[float]]) -> List[int]:
+        """The ``tokens`` argument equivalent to ``keep_rate`` at the model's input size
+        (``model(x, tokens=model.token_counts(rate))`` equals ``model(x, keep_rate=rate)``)."""
+        keep_rates = per_block(keep_rate, len(self.blocks), 'keep_rate')
+        grid = self.patch_embed.grid_size
+        return keep_counts(self.keep_rates, grid[0] * grid[1], keep_rates)
+
+    def forward_tokens(self, x: torch.Tensor, keep_rate=None, tokens=None
+                       ) -> Tuple[torch.Tensor, List[Reduction]]:
+        """Args: x (B, 3, H, W); keep_rate / tokens as in ``forward``. Returns the normalised
+        tokens (B, P + K, C), prefix tokens first, and the reductions made, in block order."""
+        depth = len(self.blocks)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x, reductions = reduce_through(self.blocks, x, per_block(keep_rate, depth, 'keep_rate'),
+                                       per_block(tokens, depth, 'tokens'))
+        return self.norm(x), reductions
+
+    def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None) -> torch.Tensor:
+        """timm's ``forward_features`` at a keep rate: (B, 3, H, W) -> (B, P + K, C)."""
+        return self.forward_tokens(x, keep_rate=keep_rate, tokens=tokens)[0]
+
+    def forward(self, x: torch.Tensor,
+                keep_rate: Optional[Union[float, Sequence[float]]] = None,
+                tokens: Optional[Union[int, Sequence[Optional[int]]]] = None,
+                get_idx: bool = False):
+        """Classifies images as MTViT does: ``keep_rate`` (a float or one per block, None: the
+        configured rates, 1: no reduction), ``tokens`` (kept patch tokens, an int or one per
+        block, overriding the rates where given), ``get_idx`` (also return one
+        ``(kept_index, assignment)`` per reduction). Returns the model's head output."""
+        x, reductions = self.forward_tokens(x, keep_rate=keep_rate, tokens=tokens)
+        logits = self.forward_head(x)
+        return (logits, reductions) if get_idx else logits
+
+
+class MergingVisionTransformer(_MergenceForward, VisionTransformer):
+    """timm's ``VisionTransformer`` with token mergence; made by ``apply_mergence``."""
+
+
+class MergingVisionTransformerDistilled(_MergenceForward, VisionTransformerDistilled):
+    """timm's distilled DeiT with token mergence; made by ``apply_mergence``."""
+
+
+# The class each supported class becomes (a merging class stays what it is).
+MERGING_CLASSES = {
+    VisionTransformer: MergingVisionTransformer,
+    VisionTransformerDistilled: MergingVisionTransformerDistilled,
+    MergingVisionTransformer: MergingVisionTransformer,
+    MergingVisionTransformerDistilled: MergingVisionTransformerDistilled,
+}
+
+
+def _check_mergeable(model: nn.Module, keep_rate: float, drop_loc: Sequence[int]):
+    """Refuses, naming why, a model or setting that apply_mergence cannot handle."""
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f'{name} is not a timm VisionTransformer: token mergence needs its '
+                         f'transformer blocks and class token')
+    if type(model) not in MERGING_CLASSES:
+        raise ValueError(f'{name} (a VisionTransformer subclass) is not supported: only timm\'s '
+                         f'VisionTransformer and VisionTransformerDistilled are')
+    if model.cls_token is None:
+        raise ValueError(f'{name} has no class token: mergence ranks the patch tokens by the '
+                         f'class token\'s attention')
+    for index, block in enumerate(model.blocks):
+        if type(block) not in (Block, MergingBlock):
+            raise ValueError(f'block {index} is a {type(block).__name__}; only timm\'s pre-norm '
+                             f'Block is supported')
+        if type(block.attn) is not Attention:
+            raise ValueError(f'block {index} has a {type(block.attn).__name__}; only timm\'s '
+                             f'Attention is supported')
+    if not 0 < keep_rate <= 1:
+        raise ValueError(f'keep rate {keep_rate} must be in (0, 1]')
+    depth = len(model.blocks)
+    if not drop_loc or any(not 0 <= loc < depth for loc in drop_loc):
+        raise ValueError(f'drop_loc {tuple(drop_loc)} must name blocks in 0..{depth - 1} '
+                         f'(depth {depth})')
+
+
+def apply_mergence(model: nn.Module, keep_rate: float = 0.7,
+                   drop_loc: Sequence[int] = (3, 6, 9)) -> nn.Module:
+    """Makes the blocks at ``drop_loc`` of a timm ``VisionTransformer`` reduce tokens by
+    mergence, exactly as MTViT's reducing blocks do, with its own weights.
+
+    The class token's attention (head mean, after any q/k norm) ranks the patch tokens; the top
+    ``ceil(rate * N)`` are kept and every other one is merged into its most similar kept token.
+    Prefix tokens (class, distillation, registers) pass through in place. Layer scale, q/k norm,
+    pre-norm (CLIP) and drop path are kept; attention runs through the fused kernel.
+
+    Args:
+        model: timm ``VisionTransformer`` or ``VisionTransformerDistilled`` with a class token,
+            timm's pre-norm blocks and attention. Applying again replaces the earlier setting.
+        keep_rate: configured rate of the reducing blocks, in (0, 1]; 1: no reduction.
+        drop_loc: indices of the reducing blocks.
+    Returns:
+        ``model`` itself (same object, same state-dict keys, still an instance of its class),
+        now called as ``model(x, keep_rate=None, tokens=None, get_idx=False)`` and with
+        ``model.token_counts(rate)``, like MTViT.
+    Raises:
+        ValueError naming why the model or setting cannot be handled.
+    """
+    drop_loc = tuple(drop_loc)
+    _check_mergeable(model, keep_rate, drop_loc)
+    # A class swap, not a wrapper: the caller's object, parameters and state-dict keys stay.
+    model.__class__ = MERGING_CLASSES[type(model)]
+    model.drop_loc = drop_loc
+    model.keep_rates = [keep_rate if index in drop_loc else 1. for index in range(len(model.blocks))]
+    for index, rate in enumerate(model.keep_rates):
+        block = model.blocks[index]
+        if isinstance(block, MergingBlock):
+            block.keep_rate = rate
+        else:
+            model.blocks[index] = MergingBlock(block, keep_rate=rate,
+                                               num_prefix_tokens=model.num_prefix_tokens)
+    return model
