@@ -7,7 +7,7 @@ resumes from ``job_dir/checkpoint.pth``; so does a job submitted again with the 
 ``--job_dir``.
 
     python run_with_submitit.py --nodes 2 --ngpus 8 --timeout 2880 --partition gpu \\
-        --job_dir /shared/$USER/mtvit_s --model deit_small_patch16_shrink_base --multi-scale \\
+        --job_dir /nfs/$USER/mtvit_s --model deit_small_patch16_shrink_base --multi-scale \\
         --batch-size 64 --dist-eval --data-path /path/to/imagenet
 
 ``--cluster local`` runs the tasks on this machine (submitit's local executor), which is how

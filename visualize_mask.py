@@ -179,20 +179,26 @@ def overview(columns: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def visualization_indices(dataset_len: int, n_visualization: int, rank: int,
-                          world_size: int) -> List[int]:
+                          world_size: int, targets: Optional[Sequence[int]] = None) -> List[int]:
     """The dataset indices this process visualises.
 
-    ``n = min(n_visualization, dataset_len)`` positions spread evenly over the dataset
-    (``i * dataset_len // n`` for i = 0 .. n - 1, all distinct), of which process ``rank``
+    ``n = min(n_visualization, dataset_len)`` positions spread evenly over the dataset, each
+    in the middle of its n-th of it (``(2 i + 1) * dataset_len // (2 n)`` for i = 0 .. n - 1, all
+    distinct), of which process ``rank``
     takes every ``world_size``-th from the ``rank``-th on: the processes' shares are disjoint
-    and together hold all n.
+    and together hold all n. With the dataset's ``targets`` the positions are those of the
+    dataset ordered by class (then index), so that the images are spread over the classes
+    whatever order the dataset stores them in: with n at least the number of classes and
+    classes of similar size, every class is shown.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f'rank {rank} is outside 0..{world_size - 1}')
     if n_visualization < 0:
         raise ValueError(f'n_visualization must be >= 0, got {n_visualization}')
     count = min(n_visualization, dataset_len)
-    return [i * dataset_len // count for i in range(rank, count, world_size)]
+    order = (sorted(range(dataset_len), key=lambda index: (targets[index], index))
+             if targets is not None else range(dataset_len))
+    return [order[(2 * i + 1) * dataset_len // (2 * count)] for i in range(rank, count, world_size)]
 
 
 def _save_png(array: np.ndarray, path: str) -> str:
@@ -217,8 +223,8 @@ def visualize(model: torch.nn.Module, dataset, device: Union[str, torch.device],
         model: an MTViT (or a wrapper such as DDP with the MTViT as ``.module``); patch size
             and grid are read from it (``patch_embed.patch_size``, ``grid``).
         dataset: the whole validation set (not a process's shard): item i is (image (3, H, W)
-            normalised with ``mean``/``std`` at the model's input size, target); targets are
-            ignored.
+            normalised with ``mean``/``std`` at the model's input size, target); its
+            ``targets`` list, where it has one, spreads the images over the classes.
         device: where the model runs.
         output_dir: created if missing; file names in the module docstring.
         n_visualization: images written by all processes together.
@@ -236,7 +242,8 @@ def visualize(model: torch.nn.Module, dataset, device: Union[str, torch.device],
     grid = tuple(net.grid)
     patch_size = tuple(net.patch_embed.patch_size)
     indices = visualization_indices(dataset_len=len(dataset), n_visualization=n_visualization,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size,
+                                    targets=getattr(dataset, 'targets', None))
     if n_visualization > len(dataset):
         print(f'visualize_mask: n_visualization {n_visualization} exceeds the {len(dataset)} '
               f'validation images; visualising all of them')

@@ -165,8 +165,14 @@ def test_visualize_mask_writes_n_images(tmp_path, capsys, multi_scale, batch_siz
     inputs = sorted(path.name for path in out_dir.glob('img*_input.png'))
     stages = sorted(path.name for path in out_dir.glob('img*_stage*.png'))
     overviews = sorted(out_dir.glob('*_overview.png'))
-    # Images spread evenly over the 359 validation images, named by their dataset index.
-    indices = [position * 359 // n_images for position in range(n_images)]
+    # Images spread evenly over the 359 validation images ordered by class (so every digit
+    # shows), named by their dataset index.
+    from datasets import digits_split
+    labels = digits_split(False)[1].tolist()
+    by_class = sorted(range(359), key=lambda index: (labels[index], index))
+    indices = sorted(by_class[(2 * position + 1) * 359 // (2 * n_images)]
+                     for position in range(n_images))
+    assert {labels[index] for index in indices} == set(range(10))
     assert inputs == [f'img{index:05d}_input.png' for index in indices]
     assert stages == sorted(f'img{index:05d}_stage{stage}.png' for index in indices
                             for stage in range(1, VIS_STAGES + 1))

@@ -200,6 +200,11 @@ def test_unknown_model_lists_mtvit_names(tree, tmp_path):
                           *models_mtvit.MTVIT_MODELS)
 
 
+def test_use_lmdb_points_to_the_arrow_packing(tree, tmp_path):
+    run = run_main([*tree_args(tree), *TINY, '--use-lmdb'], tmp_path, 'run')
+    assert_one_line_error(run, '--use-lmdb', 'python pack_arrow.py pack', '--data-set ARROW')
+
+
 @pytest.mark.parametrize('rate', ['0', '1.5', '-0.3'])
 def test_base_keep_rate_outside_range(tree, tmp_path, rate):
     run = run_main([*tree_args(tree), *TINY, '--base_keep_rate', rate], tmp_path, 'run')

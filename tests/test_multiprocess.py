@@ -19,6 +19,7 @@ from multiproc import (REPO_ROOT, TINY_RUN, Processes, child_env, run_ok, torchr
 sys.path.insert(0, str(REPO_ROOT))
 
 import models_mtvit  # noqa: E402,F401  (registers the MTViT models with timm)
+from datasets import digits_split  # noqa: E402
 
 # The NaN appears in the loss of rank 1 at this step of this epoch; --print-freq 1 checks the
 # losses at every step, so every rank stops at this very step.
@@ -129,7 +130,11 @@ def test_visualize_mask_under_torchrun_writes_each_image_once(tiny_checkpoint, t
                              '--visualize_mask', '--n_visualization', N_VISUALIZATION,
                              '--resume', tiny_checkpoint, '--output_dir', out,
                              *(['--dist-eval'] if dist_eval else [])))
-    spread = [i * DIGITS_VAL // N_VISUALIZATION for i in range(N_VISUALIZATION)]
+    # Spread evenly over the validation images ordered by class, named by dataset index.
+    labels = digits_split(False)[1].tolist()
+    by_class = sorted(range(DIGITS_VAL), key=lambda index: (labels[index], index))
+    spread = sorted(by_class[(2 * i + 1) * DIGITS_VAL // (2 * N_VISUALIZATION)]
+                    for i in range(N_VISUALIZATION))
     files = sorted(path.name for path in out.iterdir())
     inputs = [name for name in files if name.endswith('_input.png')]
     assert inputs == [f'img{index:05d}_input.png' for index in spread]

@@ -249,7 +249,7 @@ def test_visualization_indices_spread_and_shard(length, n, world_size):
     shares = [visualization_indices(dataset_len=length, n_visualization=n, rank=rank,
                                     world_size=world_size) for rank in range(world_size)]
     count = min(n, length)
-    spread = [i * length // count for i in range(count)]
+    spread = [(2 * i + 1) * length // (2 * count) for i in range(count)]
     assert sorted(sum(shares, [])) == spread
     assert len(set(spread)) == count and all(0 <= index < length for index in spread)
     for rank, share in enumerate(shares):
@@ -261,9 +261,13 @@ def test_visualization_indices_spread_and_shard(length, n, world_size):
 
 def test_visualization_indices_examples():
     assert visualization_indices(dataset_len=359, n_visualization=6, rank=0, world_size=2) == [
-        0, 119, 239]
+        29, 149, 269]
     assert visualization_indices(dataset_len=359, n_visualization=6, rank=1, world_size=2) == [
-        59, 179, 299]
+        89, 209, 329]
+    # With targets: spread over the dataset in class order, so each class of 3 shows once.
+    targets = [2, 0, 1, 2, 0, 1, 0, 1, 2]
+    assert visualization_indices(dataset_len=9, n_visualization=3, rank=0, world_size=1,
+                                 targets=targets) == [4, 5, 3]
     with pytest.raises(ValueError, match='rank 2'):
         visualization_indices(dataset_len=10, n_visualization=2, rank=2, world_size=2)
 
