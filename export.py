@@ -197,8 +197,6 @@ def resolve_config(args: argparse.Namespace, saved: dict, weights: dict) -> argp
         # A timm model trained or evaluated without mergence runs at keep 1 (unmodified).
         merged = is_mtvit(model_name) or saved.get('merge_any')
         keep_rate = saved.get('base_keep_rate', config.base_keep_rate) if merged else 1.
-    if not 0 < keep_rate <= 1:
-        raise UsageError(f'--base_keep_rate {keep_rate} must be in (0, 1]')
     config.__dict__.update(
         model=model_name, input_size=args.input_size or saved.get('input_size'),
         multi_scale=args.multi_scale, base_keep_rate=keep_rate,

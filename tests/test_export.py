@@ -164,6 +164,7 @@ def test_onnx_file_of_another_setting_fails_the_check(timm_checkpoint, timm_onnx
     ('unknown', "unknown --model 'no_such_model'"),
     ('no_folder', 'does not exist'),
     ('other_model', 'does not fit --model'),
+    ('keep_rate', 'keep rate 1.5 must be in (0, 1]'),
 ])
 def test_bad_input_one_line(case, message, tmp_path, timm_checkpoint, capsys):
     path = timm_checkpoint[0]
@@ -183,6 +184,8 @@ def test_bad_input_one_line(case, message, tmp_path, timm_checkpoint, capsys):
         output = str(tmp_path / 'missing' / 'model.onnx')
     elif case == 'other_model':
         extra = ['--model', 'deit_tiny_patch16_224']
+    elif case == 'keep_rate':
+        extra = ['--base_keep_rate', '1.5']
     status, _, err = _run(['--resume', path, '--output', output, *extra], capsys)
     assert status == 2
     assert err.count('\n') == 1 and err.startswith('export.py: error: ') and message in err

@@ -359,14 +359,14 @@ def test_visualize_writes_every_picture(tmp_path):
 def test_visualize_spreads_n_over_the_dataset(tmp_path):
     dataset = image_dataset()
     run_visualize(tiny_mtvit(), dataset, tmp_path, 5)
-    spread = [0, 2, 4, 7, 9]  # i * 12 // 5
+    spread = [1, 3, 6, 8, 10]  # (2 i + 1) * 12 // 10: the middle of each fifth
     assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in spread]
     assert len(names(tmp_path, '.png')) == 5 * (1 + len(TINY_DROP_LOC)) + 1
     assert png(tmp_path / 'batch0_0000_overview.png').shape == overview_shape(
         5, 1 + len(TINY_DROP_LOC))
     # Each file shows the image at the index in its name.
-    expected = input_picture(dataset.tensors[0][7])
-    assert np.array_equal(png(tmp_path / 'img00007_input.png'), expected)
+    expected = input_picture(dataset.tensors[0][8])
+    assert np.array_equal(png(tmp_path / 'img00008_input.png'), expected)
 
 
 def test_visualize_without_reductions(tmp_path):
@@ -399,7 +399,7 @@ def test_visualize_two_processes_share_n(tmp_path, n):
                for rank in range(world_size)]
     every = written[0] + written[1]
     assert len(every) == len(set(every)) == len(os.listdir(tmp_path))
-    spread = [i * NUM_IMAGES // n for i in range(n)]
+    spread = [(2 * i + 1) * NUM_IMAGES // (2 * n) for i in range(n)]
     assert names(tmp_path, '_input.png') == [f'img{i:05d}_input.png' for i in spread]
     for rank in range(world_size):
         mine = sorted(os.path.basename(path) for path in written[rank] if path.endswith('_input.png'))
@@ -416,4 +416,4 @@ def test_visualize_names_files_with_enough_digits(tmp_path):
     images = torch.randn(3, 3, IMG_SIZE, IMG_SIZE)
     big = torch.utils.data.Subset(TensorDataset(images, torch.arange(3)), [0, 1, 2] * 40000)
     run_visualize(tiny_mtvit(), big, tmp_path, 2)
-    assert names(tmp_path, '_input.png') == ['img000000_input.png', 'img060000_input.png']
+    assert names(tmp_path, '_input.png') == ['img030000_input.png', 'img090000_input.png']
