@@ -247,20 +247,36 @@ def test_submitit_job_requeued_after_preemption_resumes_exactly(tree, tmp_path, 
     from pausing_trainer import PausingTrainer
 
     reference_dir, preempted_dir = tmp_path / 'reference', tmp_path / 'preempted'
+    killed_dir = tmp_path / 'killed'
     deadline = time.time() + SUBMITIT_TIMEOUT_S
     reference = run_with_submitit.submit(job_args(tree, reference_dir))
-    args = job_args(tree, preempted_dir)
-    preempted = run_with_submitit.build_executor(args).submit(PausingTrainer(args))
-    marker = preempted_dir / 'paused_rank0'
-    while not marker.exists() or not marker.read_text():
-        assert time.time() < deadline and preempted.get_info()['jobState'] == 'RUNNING', \
-            preempted.stderr()
-        time.sleep(0.1)
+    paused = {}
+    for job_dir in (preempted_dir, killed_dir):
+        args = job_args(tree, job_dir)
+        paused[job_dir] = run_with_submitit.build_executor(args).submit(PausingTrainer(args))
+    for job_dir, job in paused.items():
+        marker = job_dir / 'paused_rank0'
+        while not marker.exists() or not marker.read_text():
+            assert time.time() < deadline and job.get_info()['jobState'] == 'RUNNING', \
+                job.stderr()
+            time.sleep(0.1)
+    preempted = paused[preempted_dir]
     # What SLURM does before a timeout or preemption (--signal USR2): submitit's handler on
     # rank 0 saves the submission from Trainer.checkpoint and requeues the job.
-    os.kill(int(marker.read_text()), signal.SIGUSR2)
+    os.kill(int((preempted_dir / 'paused_rank0').read_text()), signal.SIGUSR2)
+    # The other job is killed after its first checkpoint (scancel), then submitted again with
+    # the same --job_dir: it continues from that checkpoint.
+    paused[killed_dir].cancel()
+    wait_for_job(paused[killed_dir], deadline)
+    resubmitted = run_with_submitit.submit(job_args(tree, killed_dir))
     wait_for_job(preempted, deadline)
     wait_for_job(reference, deadline)
+    wait_for_job(resubmitted, deadline)
+    resubmitted_log = resubmitted.stdout() + resubmitted.stderr()
+    assert f'resumed {killed_dir / "checkpoint.pth"} at epoch 1' in resubmitted_log, \
+        resubmitted_log[-4000:]
+    assert_same_weights(checkpoint_weights(reference_dir / 'checkpoint.pth'),
+                        checkpoint_weights(killed_dir / 'checkpoint.pth'))
 
     assert reference.results()[0] is not None
     log = preempted.stdout() + preempted.stderr()
