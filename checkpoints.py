@@ -311,14 +311,16 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
     return checkpoint
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resampling of a square grid of position embeddings behind one class-token entry
-    (as DeiT finetunes at a new resolution). (1, 1 + g * g, C) -> (1, 1 + gh * gw, C).
+def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int],
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubic resampling of a square grid of position embeddings behind the prefix tokens'
+    entries (class, and distillation for a distilled DeiT), as DeiT finetunes at a new
+    resolution. (1, P + g * g, C) -> (1, P + gh * gw, C), P = ``num_prefix_tokens``.
 
     Raises:
-        ValueError: the entries behind the class token do not form a square grid.
+        ValueError: the entries behind the prefix tokens do not form a square grid.
     """
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    cls_pos, patch_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     side = math.isqrt(patch_pos.shape[1])
     if side * side != patch_pos.shape[1]:
         raise ValueError(f'position embedding of {patch_pos.shape[1]} patches is not a square grid')
@@ -336,8 +338,10 @@ def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str
 
     Position embeddings are resampled to the model's grid; a single-scale ``pos_embed`` gives
     both ``pos_embed_list`` entries of a multi-scale model (and ``pos_embed_list.1`` gives the
-    ``pos_embed`` of a single-scale one); a classifier head of another class count is dropped.
-    Returns the adapted state dict and notes on what was changed.
+    ``pos_embed`` of a single-scale one); a classifier of another class count is dropped (the
+    model's timm ``pretrained_cfg['classifier']``: ``head``, ``fc``, ``head.fc``, ..., and a
+    distilled DeiT's ``head_dist``). Returns the adapted state dict and notes on what was
+    changed.
     """
     target = model.state_dict()
     adapted = dict(state_dict)
@@ -366,14 +370,17 @@ def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str
         full_grid = tuple(model.patch_embed.grid_size)
         grid = (full_grid if key != 'pos_embed_list.0'
                 else (full_grid[0] // POOL, full_grid[1] // POOL))
-        adapted[key] = resample_pos_embed(source, grid)
+        adapted[key] = resample_pos_embed(source, grid,
+                                          num_prefix_tokens=1 + ('dist_token' in target))
         if adapted[key] is not source:
             notes.append(f'{key}: resampled {tuple(source.shape)} -> {tuple(adapted[key].shape)}')
     for key in list(adapted):
         if key.startswith('pos_embed') and key not in target:
             del adapted[key]
-    for key in ('head.weight', 'head.bias'):
-        if key in adapted and key in target and adapted[key].shape != target[key].shape:
+    classifiers = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head')
+    classifiers = {classifiers} if isinstance(classifiers, str) else set(classifiers)
+    for key in [key for key in adapted if key.rsplit('.', 1)[0] in classifiers | {'head_dist'}]:
+        if key in target and adapted[key].shape != target[key].shape:
             notes.append(f'{key}: dropped, shape {tuple(adapted[key].shape)} differs from the '
                          f"model's {tuple(target[key].shape)}")
             del adapted[key]

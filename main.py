@@ -204,6 +204,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def is_mtvit(model_name: str) -> bool:
+    """One of the MTViT presets registered by models_mtvit."""
     return model_name in models_mtvit.MTVIT_MODELS
 
 
@@ -242,10 +243,12 @@ def check_args(args: argparse.Namespace):
 
 
 def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str,
-                              finetune_weights: Optional[dict] = None):
-    """Takes the model's shape (multi-scale, input size) from the resumed checkpoint's weights
-    ``state_dict`` where the command line does not give it (a flag that contradicts it is an
-    error), and the multi-scale choice from an MTViT ``--finetune`` source's weights."""
+                              finetune_weights: Optional[dict] = None,
+                              saved_args: Optional[dict] = None):
+    """Takes the model's shape (multi-scale, input size) from the resumed checkpoint where the
+    command line does not give it: the input size its run saved in ``saved_args``, else what its
+    weights ``state_dict`` show (a flag that contradicts them is an error); and the multi-scale
+    choice from an MTViT ``--finetune`` source's weights."""
     patch_size = models_mtvit.MTVIT_PRESETS.get(args.model, {}).get('patch_size', 16)
     if state_dict is not None and is_mtvit(args.model):
         checkpoint_multi_scale = 'pos_embed_list.1' in state_dict
@@ -256,6 +259,9 @@ def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dic
         args.multi_scale = checkpoint_multi_scale
     elif finetune_weights is not None and is_mtvit(args.model) and args.multi_scale is None:
         args.multi_scale = 'pos_embed_list.1' in finetune_weights
+    saved_size = saved_args.get('input_size') if isinstance(saved_args, dict) else None
+    if state_dict is not None and args.input_size is None and saved_size:
+        args.input_size = int(saved_size)
     if state_dict is not None and args.input_size is None:
         pos_embed = state_dict.get('pos_embed_list.1', state_dict.get('pos_embed'))
         if pos_embed is not None:
@@ -311,6 +317,11 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     except (TypeError, ValueError) as error:
         raise UsageError(f'--model {args.model}: {error}') from None
     if hasattr(model, 'set_distilled_training'):
+        if args.finetune and args.distillation_type != 'none':
+            # Finetuning runs in eval mode, where the two heads' logits come averaged.
+            raise UsageError(f'--distillation-type {args.distillation_type} with --finetune: '
+                             f'{args.model} trains its distillation head only in train mode, '
+                             f'which finetuning does not use')
         model.set_distilled_training(args.distillation_type != 'none')
     return model
 
@@ -376,9 +387,7 @@ def run(args: argparse.Namespace, dist_state):
     training = not (args.eval or args.visualize_mask or args.only_test_speed)
     train_loader = val_loader = None
     if args.only_test_speed:
-        num_classes = (resumed_weights['head.weight'].shape[0]
-                       if resumed_weights and 'head.weight' in resumed_weights
-                       else DEFAULT_NUM_CLASSES)
+        num_classes = num_classes_of(resumed_weights, args.model)
     else:
         train_loader, val_loader, num_classes = build_loaders(args, dist_state, training)
 
@@ -436,7 +445,8 @@ def prepare(args: argparse.Namespace, dist_state):
               f'is not loaded')
     elif args.finetune:
         finetune_weights = model_state_dict(load_checkpoint(args.finetune), args.finetune)
-    reconcile_with_checkpoint(args, resumed_weights, args.resume, finetune_weights)
+    reconcile_with_checkpoint(args, resumed_weights, args.resume, finetune_weights,
+                              saved_args=(checkpoint or {}).get('args'))
     check_model_config(args)
     print(json.dumps(vars(args), default=str))
     seed_everything(args.seed, dist_state.rank)
@@ -489,7 +499,7 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
     if checkpoint is not None and 'optimizer' in checkpoint:
         start_epoch, first_iteration = state.restore(checkpoint, rank=dist_state.rank,
                                                      world_size=dist_state.world_size,
-                                                     path=args.resume)
+                                                     batch_size=args.batch_size, path=args.resume)
         inside = f' iteration {first_iteration}' if first_iteration else ''
         print(f'resumed {args.resume} at epoch {start_epoch}{inside}')
     mixup_fn, criterion = build_criterion(
@@ -520,7 +530,20 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
                start_epoch=start_epoch, first_iteration=first_iteration, run_args=vars(args).copy())
 
 
+def num_classes_of(weights: Optional[dict], model_name: str) -> int:
+    """The class count of a checkpoint's classifier (timm's name for the model's: ``head``,
+    ``fc``, ``head.fc``, ...), or ImageNet's without a checkpoint (--only_test_speed)."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    names = cfg.classifier if cfg is not None and cfg.classifier else 'head'
+    for name in [names] if isinstance(names, str) else names:
+        if weights and f'{name}.weight' in weights:
+            return weights[f'{name}.weight'].shape[0]
+    return DEFAULT_NUM_CLASSES
+
+
 def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters of ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

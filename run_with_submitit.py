@@ -46,9 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='minutes of the job (each requeued job gets as many again)')
     group.add_argument('--partition', default='', type=str, help='SLURM partition')
     group.add_argument('--job_dir', default=os.path.join('submitit_jobs', JOB_ID_PATTERN),
-                       type=str, help=f'folder of the logs, and of the outputs unless --output_dir '
-                                      f'is given; {JOB_ID_PATTERN} is the job id (give a fixed '
-                                      f'folder to resume by submitting again)')
+                       type=str, help='folder of the logs, and of the outputs unless --output_dir '
+                                      'is given; %%j is the job id (give a fixed folder to resume '
+                                      'by submitting again)')
     group.add_argument('--comment', default='', type=str, help='SLURM --comment')
     group.add_argument('--constraint', default='', type=str, help='SLURM --constraint')
     group.add_argument('--use_volta32', action='store_true',
@@ -65,10 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resume_from_job_dir(args: argparse.Namespace) -> None:
     """Continue from output_dir/checkpoint.pth when it exists (a requeued or resubmitted job):
-    the exact resume of main.py, which replaces any --finetune (its weights are in there)."""
+    the exact resume of main.py. A --finetune stays: main.py then does not read it again, and the
+    run keeps finetuning's eval mode."""
     checkpoint = mtvit_main.checkpoint_path_of(args)
     if checkpoint and os.path.exists(checkpoint):
-        args.resume, args.finetune = checkpoint, ''
+        args.resume = checkpoint
 
 
 class Trainer:

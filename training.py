@@ -125,7 +125,7 @@ class TrainingState:
                                      f'({", ".join(non_finite[:4])}); not saving, {path} is kept')
         save_checkpoint_atomic(state, path)
 
-    def restore(self, checkpoint: dict, *, rank: int, world_size: int,
+    def restore(self, checkpoint: dict, *, rank: int, world_size: int, batch_size: int,
                 path: str = 'the checkpoint') -> Tuple[int, int]:
         """Loads the optimizer, schedule, scaler, EMA and (when the checkpoint has one per
         process of this run) the random state from ``checkpoint`` (the model's weights are
@@ -133,8 +133,21 @@ class TrainingState:
 
         Raises:
             CheckpointError: the optimizer state does not fit this model's parameters (another
-                optimizer, parameter order or weight-decay grouping).
+                optimizer, parameter order or weight-decay grouping), or a run stopped inside an
+                epoch is resumed with another batch size or number of processes (its place in
+                the epoch's order would be another).
         """
+        iteration = checkpoint.get('iteration', 0)
+        if iteration:
+            saved_batch = (checkpoint.get('args') or {}).get('batch_size', batch_size)
+            saved_world = len(checkpoint.get('rng_states') or []) or world_size
+            where = f'{path} stopped after {iteration} steps of epoch {checkpoint["epoch"] + 1}'
+            if saved_batch != batch_size:
+                raise CheckpointError(f'{where} with --batch-size {saved_batch}: resume it with '
+                                      f'the same (not {batch_size})')
+            if saved_world != world_size:
+                raise CheckpointError(f'{where} in {saved_world} processes: resume it with as '
+                                      f'many (not {world_size})')
         check_optimizer_state(self.optimizer, checkpoint['optimizer'], path)
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
@@ -145,7 +158,7 @@ class TrainingState:
         rng_states = checkpoint.get('rng_states') or []
         if len(rng_states) == world_size:
             set_rng_state(rng_states[rank])
-        return checkpoint['epoch'] + 1, checkpoint.get('iteration', 0)
+        return checkpoint['epoch'] + 1, iteration
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: str) -> None:

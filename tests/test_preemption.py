@@ -142,3 +142,19 @@ def test_sigterm_to_one_of_two_torchrun_processes(tree, tmp_path):
     assert continued['epoch'] == reference['epoch'] == 1
     for part in ('model', 'model_ema'):
         assert_same_weights(continued[part], reference[part])
+
+
+def test_mid_epoch_checkpoint_needs_the_same_batch_size(tree, tmp_path, monkeypatch, capsys):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    args = [*tree_args(tree), *TINY_RUN, *EPOCHS, '--output_dir', str(tmp_path)]
+    signal_at_call(monkeypatch, ITERS_PER_EPOCH + 3, signal.SIGTERM)
+    assert main.cli(args) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    checkpoint = tmp_path / 'checkpoint.pth'
+    before = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert main.cli([*args, '--resume', str(checkpoint), '--batch-size', '8']) == 2
+    assert (f'main.py: error: {checkpoint} stopped after 3 steps of epoch 1 with --batch-size 16: '
+            f'resume it with the same (not 8)') in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before

@@ -286,3 +286,17 @@ def test_submitit_job_requeued_after_preemption_resumes_exactly(tree, tmp_path, 
     assert [result is not None for result in preempted.results()] == [True, True]
     assert_same_weights(checkpoint_weights(reference_dir / 'checkpoint.pth'),
                         checkpoint_weights(checkpoint))
+
+
+def test_submitit_help_and_a_requeued_finetuning_keeps_its_flag(tmp_path):
+    import subprocess
+    import run_with_submitit
+    shown = subprocess.run([sys.executable, str(REPO_ROOT / 'run_with_submitit.py'), '--help'],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and '%j is the job id' in shown.stdout
+    args = run_with_submitit.get_args_parser().parse_args(
+        ['--finetune', 'source.pth', '--output_dir', str(tmp_path)])
+    (tmp_path / 'checkpoint.pth').write_bytes(b'')
+    run_with_submitit.resume_from_job_dir(args)
+    # main.py resumes and does not read --finetune again, but keeps finetuning's eval mode.
+    assert (args.resume, args.finetune) == (str(tmp_path / 'checkpoint.pth'), 'source.pth')

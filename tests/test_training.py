@@ -300,7 +300,8 @@ def test_optimizer_state_of_another_parameter_order_is_refused(tmp_path):
                                    lr_scheduler=None, loss_scaler=None)
     with pytest.raises(CheckpointError, match=r"x.pth: optimizer state 'exp_avg' of parameter 0 "
                                               r'has shape \(2, 3\), the parameter \(3, 4\)'):
-        state.restore({'optimizer': saved, 'epoch': 0}, rank=0, world_size=1, path='x.pth')
+        state.restore({'optimizer': saved, 'epoch': 0}, rank=0, world_size=1, batch_size=8,
+                      path='x.pth')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,3 +426,37 @@ def test_merge_any_gives_a_timm_vit_the_keep_rate_schedule(monkeypatch, tree, ca
                           ('resnet18', '--model resnet18')):
         assert main.cli([*tree_args(tree), *TINY_RUN, '--model', model, '--merge-any']) == 2
         assert reason in capsys.readouterr().err
+
+
+def test_finetune_drops_any_classifier_of_another_class_count(capsys):
+    import timm
+    from checkpoints import finetune_from
+    for name, heads in (('resnet18', ['fc']), ('deit_tiny_distilled_patch16_224',
+                                               ['head', 'head_dist'])):
+        source = timm.create_model(name, num_classes=1000).state_dict()
+        model = timm.create_model(name, num_classes=10)
+        finetune_from(model, 'source.pth', source)
+        out = capsys.readouterr().out
+        for head in heads:
+            assert f'{head}.weight: dropped, shape' in out
+        kept = next(key for key in source if not key.startswith(tuple(heads)) and
+                    source[key].shape == model.state_dict()[key].shape and 'pos_embed' not in key)
+        torch.testing.assert_close(model.state_dict()[kept], source[kept])
+
+
+def test_resume_takes_the_input_size_the_run_saved(tmp_path):
+    args = parse('--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_224')
+    weights = {'pos_embed': torch.zeros(1, 5, 8)}  # 2x2 patches of 16 would say 32
+    main.reconcile_with_checkpoint(args, weights, 'x.pth', saved_args={'input_size': 48})
+    assert args.input_size == 48
+    args = parse('--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_224')
+    main.reconcile_with_checkpoint(args, weights, 'x.pth', saved_args=None)
+    assert args.input_size == 32
+
+
+def test_distilled_model_finetuned_with_distillation_is_refused(tree, teacher_path, capsys):
+    path, _ = teacher_path
+    assert main.cli([*tree_args(tree), *TINY_RUN, '--model', 'deit_tiny_distilled_patch16_224',
+                     '--finetune', str(path), '--distillation-type', 'hard', '--teacher-model',
+                     'resnet10t', '--teacher-path', str(path)]) == 2
+    assert 'trains its distillation head only in train mode' in capsys.readouterr().err
