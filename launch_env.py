@@ -156,8 +156,8 @@ def detect_launch(dist_url: str = ENV_RENDEZVOUS,
     torchrun and ``torch.distributed.launch`` set RANK and WORLD_SIZE (LOCAL_RANK, or
     ``local_rank`` from the deprecated launcher's ``--local_rank``); the rendezvous is
     ``dist_url``. Otherwise a SLURM step of several tasks (``srun``) gives SLURM_PROCID,
-    SLURM_NTASKS and SLURM_LOCALID. A single SLURM task (an ``sbatch`` script, ``srun -n 1``)
-    runs alone.
+    SLURM_STEP_NUM_TASKS and SLURM_LOCALID. The batch script of a job has SLURM_PROCID=0 and
+    the allocation's SLURM_NTASKS but no step variables: it runs alone, as does ``srun -n 1``.
     """
     rank, world_size = env_int('RANK'), env_int('WORLD_SIZE')
     if rank is not None and world_size is not None:
@@ -165,12 +165,12 @@ def detect_launch(dist_url: str = ENV_RENDEZVOUS,
         return Launch(launcher='torchrun', rank=rank, world_size=world_size,
                       local_rank=local_rank if env_local_rank is None else env_local_rank,
                       init_method=dist_url)
-    rank, world_size = env_int('SLURM_PROCID'), env_int('SLURM_NTASKS')
+    rank, world_size = env_int('SLURM_PROCID'), env_int('SLURM_STEP_NUM_TASKS')
     if rank is None or world_size is None or world_size < 2:
         return None
     if not 0 <= rank < world_size:
         raise LaunchError(f'SLURM_PROCID={rank} is outside 0..{world_size - 1} '
-                          f'(SLURM_NTASKS={world_size})', exit_status=2)
+                          f'(SLURM_STEP_NUM_TASKS={world_size})', exit_status=2)
     return Launch(launcher='srun', rank=rank, world_size=world_size,
                   local_rank=env_int('SLURM_LOCALID'), init_method=_slurm_rendezvous(dist_url))
 

@@ -128,7 +128,7 @@ def init_distributed(device: DeviceLike, dist_url: str = "env://",
 
     torchrun and ``torch.distributed.launch`` (with or without ``--use_env``, whose
     ``--local_rank`` argument is ``local_rank``) are recognised by RANK and WORLD_SIZE, a plain
-    ``srun`` of several tasks by SLURM_PROCID and SLURM_NTASKS (see ``launch_env``). Without
+    ``srun`` of several tasks by SLURM_PROCID and SLURM_STEP_NUM_TASKS (see ``launch_env``). Without
     either the process runs alone, no process group is created, and a CUDA ``device`` falls back
     to the CPU where there is no GPU; a launched process whose device cannot be used stops with
     a MachineError naming it instead.

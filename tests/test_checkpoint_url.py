@@ -60,7 +60,8 @@ class CountingServer:
 @pytest.fixture
 def served(tmp_path, monkeypatch):
     """(server, served folder); the torch hub cache in tmp_path/torch_home; no launcher."""
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS'):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS',
+                 'SLURM_STEP_NUM_TASKS'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     folder = tmp_path / 'served'

@@ -34,8 +34,8 @@ def tree(tmp_path_factory):
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT',
-                 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_JOB_NODELIST',
-                 'SLURM_NODELIST', 'SLURM_JOB_ID'):
+                 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'SLURM_LOCALID',
+                 'SLURM_JOB_NODELIST', 'SLURM_NODELIST', 'SLURM_JOB_ID'):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -78,10 +78,12 @@ def test_slurm_master_port_is_stable_and_in_range():
 def test_detect_launch(clean_env):
     assert detect_launch() is None
     clean_env.setenv('SLURM_PROCID', '0')
-    clean_env.setenv('SLURM_NTASKS', '1')
-    assert detect_launch() is None  # one task (an sbatch script): alone
+    clean_env.setenv('SLURM_NTASKS', '4')
+    assert detect_launch() is None  # the batch script of a 4-task job: no step, alone
+    clean_env.setenv('SLURM_STEP_NUM_TASKS', '1')
+    assert detect_launch() is None  # srun -n 1: alone
     clean_env.setenv('SLURM_PROCID', '5')
-    clean_env.setenv('SLURM_NTASKS', '8')
+    clean_env.setenv('SLURM_STEP_NUM_TASKS', '8')
     clean_env.setenv('SLURM_LOCALID', '1')
     clean_env.setenv('SLURM_JOB_NODELIST', 'gpu[07-08]')
     clean_env.setenv('SLURM_JOB_ID', '4242')
@@ -106,11 +108,11 @@ def test_detect_launch(clean_env):
     ({'SLURM_JOB_NODELIST': 'n1'}, 'SLURM_JOB_ID'),
     ({}, 'SLURM_JOB_NODELIST'),
     ({'SLURM_PROCID': '2'}, 'SLURM_PROCID=2'),
-    ({'SLURM_NTASKS': 'two'}, 'SLURM_NTASKS'),
+    ({'SLURM_STEP_NUM_TASKS': 'two'}, 'SLURM_STEP_NUM_TASKS'),
 ])
 def test_detect_launch_errors_name_the_variable(clean_env, variables, needle):
     clean_env.setenv('SLURM_PROCID', '0')
-    clean_env.setenv('SLURM_NTASKS', '2')
+    clean_env.setenv('SLURM_STEP_NUM_TASKS', '2')
     for name, value in variables.items():
         clean_env.setenv(name, value)
     with pytest.raises(LaunchError, match=needle) as raised:
@@ -128,7 +130,7 @@ def test_launched_process_without_cuda_is_a_one_line_error(clean_env, capsys, tm
                                                           launcher):
     import main
     variables = ({'RANK': '1', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'} if launcher == 'torchrun'
-                 else {'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_LOCALID': '1',
+                 else {'SLURM_PROCID': '1', 'SLURM_STEP_NUM_TASKS': '2', 'SLURM_LOCALID': '1',
                        'SLURM_JOB_NODELIST': 'localhost', 'SLURM_JOB_ID': '99'})
     for name, value in variables.items():
         clean_env.setenv(name, value)
@@ -168,7 +170,7 @@ def test_srun_launch_equals_torchrun(tree, tmp_path):
     # As `srun --ntasks 2 python main.py ...` on one node: no MASTER_ADDR/PORT, so the first
     # host of the (bracketed) node list and the port derived from the job id.
     launches = [([sys.executable, 'main.py', *args, '--output_dir', srun_dir],
-                 child_env(SLURM_PROCID=rank, SLURM_NTASKS=2, SLURM_LOCALID=rank,
+                 child_env(SLURM_PROCID=rank, SLURM_STEP_NUM_TASKS=2, SLURM_LOCALID=rank,
                            SLURM_JOB_NODELIST='127.0.0.[1-4]', SLURM_JOB_ID=job_id))
                 for rank in range(2)]
     results = Processes(launches).wait()
