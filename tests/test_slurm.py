@@ -266,9 +266,15 @@ def test_submitit_job_requeued_after_preemption_resumes_exactly(tree, tmp_path, 
     # What SLURM does before a timeout or preemption (--signal USR2): submitit's handler on
     # rank 0 saves the submission from Trainer.checkpoint and requeues the job.
     os.kill(int((preempted_dir / 'paused_rank0').read_text()), signal.SIGUSR2)
-    # The other job is killed after its first checkpoint (scancel), then submitted again with
-    # the same --job_dir: it continues from that checkpoint.
-    paused[killed_dir].cancel()
+    # The other job's tasks are killed after its first checkpoint (SIGKILL: as a node failure,
+    # or scancel's last resort), then the job is submitted again with the same --job_dir: it
+    # continues from that checkpoint.
+    for rank in range(2):
+        marker = killed_dir / f'paused_rank{rank}'
+        while not marker.exists() or not marker.read_text():
+            assert time.time() < deadline, f'rank {rank} of the job to kill did not reach epoch 1'
+            time.sleep(0.1)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
     wait_for_job(paused[killed_dir], deadline)
     resubmitted = run_with_submitit.submit(job_args(tree, killed_dir))
     wait_for_job(preempted, deadline)
