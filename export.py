@@ -149,6 +149,7 @@ def measure_speed(session, model: nn.Module, input_size: int, batch_size: int,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """export.py's flags (a parent parser, as main.py's)."""
     parser = argparse.ArgumentParser('Export an MTViT or merged timm ViT checkpoint to ONNX',
                                      add_help=False)
     parser.add_argument('-h', '--help', action='help', help='show this help message and exit')

@@ -47,6 +47,7 @@ def parse_drop_loc(text: str) -> tuple:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Every flag of main.py (a parent parser: run_with_submitit.py and the tests build on it)."""
     parser = argparse.ArgumentParser('MTViT training and evaluation script', add_help=False)
     parser.add_argument('-h', '--help', action='help', help='show this help message and exit')
     parser.add_argument('--batch-size', default=64, type=int, help='per process')

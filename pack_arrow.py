@@ -38,6 +38,7 @@ def _pack_split(split_dir, dst_path, rows_per_batch, progress):
     pending_bytes = 0
 
     def flush(writer):
+        """Writes the rows gathered so far as one record batch."""
         writer.write_batch(pa.record_batch([pa.array(columns[name], type=schema.field(name).type)
                                             for name in schema.names], schema=schema))
         for values in columns.values():
