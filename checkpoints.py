@@ -8,7 +8,7 @@ import re
 import shutil
 import uuid
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -377,14 +377,22 @@ def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str
     for key in list(adapted):
         if key.startswith('pos_embed') and key not in target:
             del adapted[key]
-    classifiers = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head')
-    classifiers = {classifiers} if isinstance(classifiers, str) else set(classifiers)
-    for key in [key for key in adapted if key.rsplit('.', 1)[0] in classifiers | {'head_dist'}]:
+    pretrained_cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifiers = {*classifier_names(pretrained_cfg.get('classifier')), 'head_dist'}
+    for key in [key for key in adapted if key.rsplit('.', 1)[0] in classifiers]:
         if key in target and adapted[key].shape != target[key].shape:
             notes.append(f'{key}: dropped, shape {tuple(adapted[key].shape)} differs from the '
                          f"model's {tuple(target[key].shape)}")
             del adapted[key]
     return adapted, notes
+
+
+def classifier_names(classifier: Union[str, Sequence[str], None]) -> List[str]:
+    """The module names of a model's classifier from timm's ``pretrained_cfg['classifier']``
+    (one name such as ``fc`` or ``head.fc``, several for a distilled DeiT, or None: ``head``)."""
+    if not classifier:
+        return ['head']
+    return [classifier] if isinstance(classifier, str) else list(classifier)
 
 
 def model_state_dict(checkpoint: dict, path: str) -> dict:

@@ -80,10 +80,12 @@ def train_one_epoch(
         first_iteration: steps of this epoch already taken (a run resumed inside an epoch);
             ``data_loader`` then yields only the remaining batches.
         should_stop: polled after every step but the epoch's last with whether the losses
-            are being checked at this step; a non-zero answer ends the epoch early.
+            are being checked at this step; a non-zero answer (a signal's number) ends the
+            epoch early.
     Returns:
-        global averages of the meters (loss, lr, keep_rate) over all processes, and
-        ``stopped_after`` (the steps of the epoch taken) when ``should_stop`` ended it.
+        global averages of the meters (loss, lr, keep_rate) over all processes, and, when
+        ``should_stop`` ended the epoch, ``stopped_after`` (the steps of the epoch taken) and
+        ``stopped_by`` (its answer).
     Raises:
         NonFiniteLossError: the loss became NaN or infinite on any process.
     """
@@ -94,7 +96,7 @@ def train_one_epoch(
     header = f'Epoch: [{epoch}]'
     pending_losses = []
     keep_rate = None
-    stopped_after = None
+    stop_answer = 0
     for step, (samples, targets) in enumerate(
             metric_logger.log_every(data_loader, print_freq, header), start=first_iteration):
         iteration = epoch * iters_per_epoch + step
@@ -126,8 +128,9 @@ def train_one_epoch(
             metric_logger.update(keep_rate=keep_rate)
         last_step = step == iters_per_epoch - 1
         at_check = step % print_freq == 0 or last_step
-        stopping = should_stop is not None and not last_step and bool(should_stop(at_check))
-        if at_check or stopping:
+        if should_stop is not None and not last_step:
+            stop_answer = should_stop(at_check)
+        if at_check or stop_answer:
             losses = check_finite_losses(torch.stack(pending_losses), epoch,
                                          step + 1 - len(pending_losses))
             pending_losses.clear()
@@ -138,16 +141,15 @@ def train_one_epoch(
                 writer.add_scalar('lr', lr, iteration)
                 if keep_rate is not None:
                     writer.add_scalar('keep_rate', keep_rate, iteration)
-        if stopping:
-            stopped_after = step + 1
+        if stop_answer:
             break
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     if keep_rate is not None:
         stats['keep_rate'] = keep_rate  # the rate reached at the end of the epoch
-    if stopped_after is not None:
-        stats['stopped_after'] = stopped_after
+    if stop_answer:
+        stats.update(stopped_after=step + 1, stopped_by=stop_answer)
     return stats
 
 

@@ -18,8 +18,8 @@ from datasets import DATA_SETS, DatasetError, build_dataset, build_transform
 from engine import evaluate, keep_rate_at
 from losses import build_criterion
 from samplers import SeededDataset, SeededSampler, ShardSampler, build_train_sampler
-from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
-                         model_state_dict)
+from checkpoints import (CheckpointError, classifier_names, finetune_from, load_checkpoint,
+                         load_weights, model_state_dict)
 from training import (LR_REFERENCE_BATCH, EpochLoop, Preempted, TrainingState, build_ema, build_optimizer,
                       build_scheduler, fit, ignore_stop_signals, scaled_lr)
 from utils import (MachineError, NonFiniteLossError, OneLineErrorParser, check_output_dir,
@@ -260,12 +260,12 @@ def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dic
         args.multi_scale = checkpoint_multi_scale
     elif finetune_weights is not None and is_mtvit(args.model) and args.multi_scale is None:
         args.multi_scale = 'pos_embed_list.1' in finetune_weights
-    saved_size = saved_args.get('input_size') if isinstance(saved_args, dict) else None
-    if state_dict is not None and args.input_size is None and saved_size:
-        args.input_size = int(saved_size)
     if state_dict is not None and args.input_size is None:
+        saved_size = saved_args.get('input_size') if isinstance(saved_args, dict) else None
         pos_embed = state_dict.get('pos_embed_list.1', state_dict.get('pos_embed'))
-        if pos_embed is not None:
+        if saved_size:
+            args.input_size = int(saved_size)
+        elif pos_embed is not None:
             args.input_size = int((pos_embed.shape[1] - 1) ** 0.5) * patch_size
     args.multi_scale = bool(args.multi_scale)
     if args.input_size is None:
@@ -426,7 +426,8 @@ def run(args: argparse.Namespace, dist_state):
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats
-    return train(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint)
+    return train(args, dist_state, model, train_loader, val_loader, num_classes, checkpoint,
+                 amp_dtype)
 
 
 def prepare(args: argparse.Namespace, dist_state):
@@ -473,29 +474,28 @@ def measure(args: argparse.Namespace, model: torch.nn.Module, device: torch.devi
 
 
 def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_loader, val_loader,
-          num_classes: int, checkpoint: Optional[dict]) -> dict:
+          num_classes: int, checkpoint: Optional[dict], amp_dtype: Optional[torch.dtype]) -> dict:
     """Builds the optimizer, schedule, EMA, scaler and criterion from the flags, restores them
-    from a resumed checkpoint, and trains; returns the last evaluation's stats."""
+    from a resumed checkpoint, and trains under ``amp_dtype`` autocast; returns the last
+    evaluation's stats."""
     device = dist_state.device
-    amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None  # as run() has it
+    optimizer = build_optimizer(
+        model, opt=args.opt, lr=scaled_lr(args.lr, args.batch_size, dist_state.world_size),
+        weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
+        betas=args.opt_betas,
+        decay_position_embeddings=is_mtvit(args.model) and args.pos_embed_decay)
     state = TrainingState(
-        model=model,
-        optimizer=build_optimizer(
-            model, opt=args.opt, lr=scaled_lr(args.lr, args.batch_size, dist_state.world_size),
-            weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
-            betas=args.opt_betas,
-            decay_position_embeddings=is_mtvit(args.model) and args.pos_embed_decay),
-        lr_scheduler=None,
+        model=model, optimizer=optimizer,
+        lr_scheduler=build_scheduler(
+            optimizer, sched=args.sched, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+            decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
+            patience_epochs=args.patience_epochs, noise=args.lr_noise,
+            noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, seed=args.seed),
         # bf16 has float32's range: only fp16 needs its loss scaled.
         loss_scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         model_ema=(build_ema(model, decay=args.model_ema_decay,
                              force_cpu=args.model_ema_force_cpu) if args.model_ema else None))
-    state.lr_scheduler = build_scheduler(
-        state.optimizer, sched=args.sched, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
-        decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
-        patience_epochs=args.patience_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std, seed=args.seed)
     start_epoch, first_iteration = args.start_epoch, 0
     if checkpoint is not None and 'optimizer' in checkpoint:
         start_epoch, first_iteration = state.restore(checkpoint, rank=dist_state.rank,
@@ -536,8 +536,7 @@ def num_classes_of(weights: Optional[dict], model_name: str) -> int:
     ``fc``, ``head.fc``, ...), or ImageNet's without a checkpoint (--only_test_speed)."""
     import timm
     cfg = timm.models.get_pretrained_cfg(model_name)
-    names = cfg.classifier if cfg is not None and cfg.classifier else 'head'
-    for name in [names] if isinstance(names, str) else names:
+    for name in classifier_names(cfg.classifier if cfg is not None else None):
         if weights and f'{name}.weight' in weights:
             return weights[f'{name}.weight'].shape[0]
     return DEFAULT_NUM_CLASSES

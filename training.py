@@ -138,9 +138,10 @@ class TrainingState:
                 the epoch's order would be another).
         """
         iteration = checkpoint.get('iteration', 0)
+        rng_states = checkpoint.get('rng_states') or []
         if iteration:
             saved_batch = (checkpoint.get('args') or {}).get('batch_size', batch_size)
-            saved_world = len(checkpoint.get('rng_states') or []) or world_size
+            saved_world = len(rng_states) or world_size
             where = f'{path} stopped after {iteration} steps of epoch {checkpoint["epoch"] + 1}'
             if saved_batch != batch_size:
                 raise CheckpointError(f'{where} with --batch-size {saved_batch}: resume it with '
@@ -155,7 +156,6 @@ class TrainingState:
             self.loss_scaler.load_state_dict(checkpoint['scaler'])
         if self.model_ema is not None and 'model_ema' in checkpoint:
             self.model_ema.module.load_state_dict(checkpoint['model_ema'])
-        rng_states = checkpoint.get('rng_states') or []
         if len(rng_states) == world_size:
             set_rng_state(rng_states[rank])
         return checkpoint['epoch'] + 1, iteration
@@ -280,7 +280,8 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
                     should_stop=stop.agreed)
                 first_iteration = 0
                 if 'stopped_after' in train_stats:
-                    _stop(state, loop, stop.agreed(), epoch, train_stats['stopped_after'], run_args)
+                    _stop(state, loop, train_stats['stopped_by'], epoch,
+                          train_stats['stopped_after'], run_args)
                 state.lr_scheduler.step(epoch)
                 test_stats = evaluate(val_loader, model, loop.device,
                                       keep_rate=train_stats.get('keep_rate'),

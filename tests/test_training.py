@@ -61,7 +61,8 @@ def wiring(monkeypatch, tree, *flags, world_size=1):
                            device=torch.device('cpu'), backend=None)
     train_loader, val_loader, num_classes = main.build_loaders(args, dist_state, True)
     model = main.create_model(args, num_classes)
-    main.train(args, dist_state, model, train_loader, val_loader, num_classes, None)
+    main.train(args, dist_state, model, train_loader, val_loader, num_classes, None,
+               amp_dtype=None)
     return recorded
 
 
