@@ -1,4 +1,4 @@
-"""Datasets and transforms for MTViT training.
+"""Datasets for MTViT training (the transforms and loaders are in ``input_pipeline.py``).
 
 Supported sources (``build_dataset``):
 
@@ -19,9 +19,7 @@ import sys
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from torchvision.transforms import InterpolationMode
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS', 'ARROW')
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
@@ -30,18 +28,14 @@ INAT_YEARS = {'INAT': 2018, 'INAT19': 2019}
 IMAGEFOLDER_LAYOUT = '<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>'
 ARROW_LAYOUT = '<data-path>/train.arrow and <data-path>/val.arrow written by `python pack_arrow.py pack`'
 
-# DeiT's eval resize: the crop keeps 87.5% of the resized side (256 -> 224).
-EVAL_CROP_FRACTION = 0.875
-# DeiT treats inputs of at most this size as CIFAR-like: pad-and-crop instead of resized crops.
-SMALL_INPUT_MAX = 32
-SMALL_INPUT_CROP_PADDING = 4
-
 # Fixed for all time: changing either changes which digits are validation images.
 DIGITS_SPLIT_SEED = 0
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_MAX_VALUE = 16
 DIGITS_NUM_CLASSES = 10
 
+# Signatures of the files torchvision decodes itself (JPEG, PNG); others go through PIL.
+TORCHVISION_DECODED = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n')
 ARROW_FORMAT_KEY = b'mtvit_packed_imagefolder'
 ARROW_FORMAT_VERSION = b'1'
 ARROW_CLASSES_KEY = b'classes'
@@ -54,86 +48,33 @@ class DatasetError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Transforms
-# ---------------------------------------------------------------------------
-
-class ResizeIfSmaller:
-    """Upscale an image whose shorter side is below ``size`` so that it equals ``size``.
-
-    DeiT's pipeline for inputs of at most 32 pixels assumes the images are already that large
-    (CIFAR); smaller images (e.g. the 8x8 digits) would make RandomCrop fail and CenterCrop pad
-    with black. Images at least ``size`` pixels are returned unchanged, so CIFAR is unaffected.
-    """
-
-    def __init__(self, size, interpolation=InterpolationMode.BICUBIC):
-        self.size = size
-        self.interpolation = interpolation
-
-    def __call__(self, image):
-        """Return ``image``, upscaled if its shorter side is below ``size``."""
-        if min(image.size) >= self.size:
-            return image
-        return transforms.functional.resize(image, self.size, interpolation=self.interpolation)
-
-    def __repr__(self):
-        return f'{self.__class__.__name__}(size={self.size}, interpolation={self.interpolation.value})'
-
-
-def build_transform(is_train, input_size, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1',
-                    interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1,
-                    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
-    """Build DeiT's train or eval transform for square inputs of ``input_size`` pixels.
-
-    Training uses timm's ``create_transform`` (random resized crop, flips, RandAugment, random
-    erasing); for ``input_size <= 32`` the resized crop becomes a 4-pixel padded random crop as
-    in DeiT. Evaluation resizes to ``input_size / 0.875`` (only above 32 pixels), center-crops,
-    and normalises with the ImageNet mean and std. ``auto_augment`` of None, '' or 'none'
-    disables RandAugment. Images smaller than a small ``input_size`` are upscaled first.
-    """
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-
-    small_input = input_size <= SMALL_INPUT_MAX
-    if is_train:
-        if auto_augment in ('', 'none'):
-            auto_augment = None
-        transform = create_transform(
-            input_size=input_size, is_training=True, color_jitter=color_jitter,
-            auto_augment=auto_augment, interpolation=interpolation, re_prob=re_prob,
-            re_mode=re_mode, re_count=re_count, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        if small_input:
-            transform.transforms[0:1] = [
-                ResizeIfSmaller(input_size),
-                transforms.RandomCrop(input_size, padding=SMALL_INPUT_CROP_PADDING),
-            ]
-        return transform
-
-    steps = []
-    if small_input:
-        steps.append(ResizeIfSmaller(input_size))
-    else:
-        steps.append(transforms.Resize(int(input_size / EVAL_CROP_FRACTION),
-                                       interpolation=InterpolationMode.BICUBIC))
-    steps += [
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ]
-    return transforms.Compose(steps)
-
-
-# ---------------------------------------------------------------------------
 # Image decoding and the shared bad-image policy
 # ---------------------------------------------------------------------------
 
-def decode_image(fileobj, name):
-    """Decode an encoded image from ``fileobj`` to an RGB PIL image, as ImageFolder's loader does.
+def decode_image(fileobj, name, as_tensor=False):
+    """Decode an encoded image from ``fileobj`` to RGB, as ImageFolder's loader does.
 
-    Any failure raises ``DatasetError('cannot decode image <name>: ...')``.
+    Returns a PIL image, or with ``as_tensor`` a (3, H, W) uint8 tensor: JPEG and 8-bit PNG
+    then go through ``torchvision.io.decode_image`` (libjpeg-turbo/libpng, the same pixels as
+    PIL's, without a PIL image in between), other files through PIL. Any failure raises
+    ``DatasetError('cannot decode image <name>: ...')`` with PIL's account of the problem.
     """
+    if as_tensor:
+        data = fileobj.read()
+        if data.startswith(TORCHVISION_DECODED):
+            from torchvision.io import ImageReadMode, decode_image as decode_to_tensor
+
+            try:
+                image = decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                         mode=ImageReadMode.RGB)
+                if image.dtype == torch.uint8:  # 16-bit PNGs: PIL's 8-bit conversion, as before
+                    return image
+            except RuntimeError:
+                pass  # PIL names the problem
+        fileobj = io.BytesIO(data)
     try:
         with Image.open(fileobj) as image:
-            return image.convert('RGB')
+            image = image.convert('RGB')
     except Exception as exc:
         # Broken files surface as many exception types depending on the PIL plugin
         # (OSError, SyntaxError, struct.error, DecompressionBombError...): all mean "bad image".
@@ -143,13 +84,14 @@ def decode_image(fileobj, name):
         else:
             detail = ' '.join(str(exc).split())
         raise DatasetError(f'cannot decode image {name}: {type(exc).__name__}: {detail}') from exc
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1) if as_tensor else image
 
 
-def read_image_file(path):
-    """Read and decode the image file at ``path`` to RGB; raise ``DatasetError`` naming it on failure."""
+def read_image_file(path, as_tensor=False):
+    """Read and decode the image file at ``path`` (``decode_image``); ``DatasetError`` names it on failure."""
     try:
         with open(path, 'rb') as handle:
-            return decode_image(handle, name=path)
+            return decode_image(handle, name=path, as_tensor=as_tensor)
     except OSError as exc:
         raise DatasetError(f'cannot decode image {path}: {type(exc).__name__}: {exc.strerror or exc}') from exc
 
@@ -157,13 +99,16 @@ def read_image_file(path):
 class BadImagePolicy:
     """Mixin shared by every dataset that decodes image files.
 
-    Subclasses implement ``_load_raw(index) -> (PIL image, target)``, raising ``DatasetError`` for
+    Subclasses implement ``_load_raw(index) -> (image, target)``, raising ``DatasetError`` for
     an unreadable image, and set ``root``, ``transform``, ``target_transform``, ``skip_bad_images``.
+    Images are decoded to PIL, or to (3, H, W) uint8 tensors when ``tensor_images`` is set.
     With skipping off, the error propagates. With skipping on, the sample is replaced by the next
     readable one (wrapping around), a warning naming the file is printed once, and the index is
     remembered so it is not decoded again. ``bad_images`` counts distinct bad samples met by this
     process (each DataLoader worker keeps its own count).
     """
+
+    tensor_images = False
 
     def _reset_bad_images(self):
         self.bad_images = 0
@@ -211,7 +156,7 @@ class ImageFolderDataset(BadImagePolicy, ImageFolder):
 
     def _load_raw(self, index):
         path, target = self.samples[index]
-        return self.loader(path), target
+        return read_image_file(path, self.tensor_images), target
 
 
 def _class_folders(split_dir):
@@ -395,7 +340,7 @@ class INatDataset(BadImagePolicy, torch.utils.data.Dataset):
 
     def _load_raw(self, index):
         path, target = self.samples[index]
-        return read_image_file(path), target
+        return read_image_file(path, self.tensor_images), target
 
 
 # ---------------------------------------------------------------------------
@@ -431,7 +376,10 @@ def digits_split(is_train):
 
 
 class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's handwritten digits as 8x8 RGB PIL images: the fixed, stratified, shuffled split."""
+    """scikit-learn's handwritten digits as 8x8 RGB PIL images (or (3, 8, 8) uint8 tensors with
+    ``tensor_images``): the fixed, stratified, shuffled split."""
+
+    tensor_images = False
 
     def __init__(self, is_train, transform=None, target_transform=None):
         self.images, labels, self.indices = digits_split(is_train)
@@ -444,7 +392,8 @@ class DigitsDataset(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, index):
-        image = Image.fromarray(self.images[index])
+        image = self.images[index]
+        image = torch.from_numpy(image).permute(2, 0, 1) if self.tensor_images else Image.fromarray(image)
         target = self.targets[index]
         if self.transform is not None:
             image = self.transform(image)
@@ -533,20 +482,30 @@ class ArrowImageDataset(BadImagePolicy, torch.utils.data.Dataset):
         row = index - self._batch_starts[batch_number]
         encoded = batch.column('image')[row].as_buffer()
         name = f'{self.root} row {index} ({batch.column("path")[row].as_py()})'
-        return decode_image(io.BytesIO(encoded), name=name), self.targets[index]
+        return decode_image(io.BytesIO(encoded), name=name, as_tensor=self.tensor_images), self.targets[index]
 
 
 # ---------------------------------------------------------------------------
 # Entry point used by main.py
 # ---------------------------------------------------------------------------
 
-def build_dataset(is_train, data_set, data_path, transform, inat_category='name', skip_bad_images=False):
+def build_dataset(is_train, data_set, data_path, transform, inat_category='name', skip_bad_images=False,
+                  tensor_images=False):
     """Build the train (``is_train``) or val split of ``data_set``; return ``(dataset, num_classes)``.
 
     ``data_set`` is one of ``DATA_SETS``; ``data_path`` is ignored for DIGITS. User-fixable
     problems (missing folders or files, wrong layout, absent CIFAR) raise ``DatasetError``.
     ``skip_bad_images`` applies to the file-based sets (IMNET, INAT, INAT19, ARROW).
+    ``tensor_images``: the transform receives (3, H, W) uint8 tensors instead of PIL images
+    (CIFAR always gives PIL images).
     """
+    dataset, num_classes = _open_dataset(is_train, data_set, data_path, transform, inat_category,
+                                         skip_bad_images)
+    dataset.tensor_images = tensor_images
+    return dataset, num_classes
+
+
+def _open_dataset(is_train, data_set, data_path, transform, inat_category, skip_bad_images):
     if data_set not in DATA_SETS:
         raise DatasetError(f'unknown data set {data_set!r}; choose one of {", ".join(DATA_SETS)}')
     if data_set == 'DIGITS':
@@ -589,8 +548,12 @@ def build_dataset(is_train, data_set, data_path, transform, inat_category='name'
     return dataset, len(dataset.classes)
 
 
-# `python datasets.py pack|export-digits ...`, the earlier spelling of pack_arrow.py's command line.
+# `python datasets.py pack|export-digits ...` (pack_arrow.py's command line) and
+# `python datasets.py bench ...` (pipeline_bench.py's).
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['bench']:
+        from pipeline_bench import main
+        sys.exit(main(sys.argv[2:]))
     from pack_arrow import main
 
     sys.exit(main())

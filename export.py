@@ -278,7 +278,8 @@ def main(args: argparse.Namespace) -> dict:
 
 def _check_data_set(session, model: nn.Module, args: argparse.Namespace,
                     input_size: int) -> Dict[str, float]:
-    from datasets import build_dataset, build_transform
+    from datasets import build_dataset
+    from input_pipeline import build_transform
     dataset, _ = build_dataset(False, data_set=args.data_set, data_path=args.data_path,
                                transform=build_transform(False, input_size=input_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,

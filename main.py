@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 import models_mtvit
-from datasets import DATA_SETS, DatasetError, build_dataset, build_transform
+from datasets import DATA_SETS, DatasetError, build_dataset
+from input_pipeline import SMALL_INPUT_MAX, build_gpu_augment, build_loader, build_worker_transform
 from engine import evaluate, keep_rate_at
 from losses import build_criterion
 from samplers import SeededDataset, SeededSampler, ShardSampler, build_train_sampler
@@ -129,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     group.add_argument('--train-interpolation', type=str, default='bicubic')
+    group.add_argument('--gpu-augment', action='store_true',
+                       help='resize the crops and run RandAugment on --device, batched: the loader '
+                            'workers only decode and crop (inputs above 32 pixels, --aa rand-...)')
     group.add_argument('--repeated-aug', action='store_true')
     group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
     parser.set_defaults(repeated_aug=True)
@@ -241,6 +245,9 @@ def check_args(args: argparse.Namespace):
     if args.distillation_type != 'none' and not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                          f'(teacher weights cannot be downloaded)')
+    if args.gpu_augment and not args.aa.startswith('rand'):
+        raise UsageError(f'--gpu-augment runs RandAugment on the device; --aa {args.aa} is not '
+                         f'a RandAugment policy (rand-...)')
 
 
 def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str,
@@ -329,20 +336,19 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
 
 def build_loaders(args: argparse.Namespace, dist_state, train: bool):
     """Data loaders of the splits this run needs; returns (train_loader or None, val_loader,
-    num_classes)."""
+    num_classes). They yield normalised float batches on the device (``input_pipeline``)."""
     transform_args = dict(input_size=args.input_size, color_jitter=args.color_jitter,
                           auto_augment=args.aa, interpolation=args.train_interpolation,
-                          re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                           scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                           vflip=args.vflip)
-    dataset_args = dict(data_set=args.data_set, data_path=args.data_path,
+    dataset_args = dict(data_set=args.data_set, data_path=args.data_path, tensor_images=True,
                         inat_category=args.inat_category, skip_bad_images=args.skip_bad_images)
     dataset_val, num_classes = build_dataset(
-        False, transform=build_transform(False, **transform_args), **dataset_args)
-    # Persistent workers: no restart of every worker process at each epoch. A loader's own
-    # generator: the worker seeds it draws (once with persistent workers, so a resumed run would
-    # draw where an uninterrupted one does not) leave the process's random stream alone.
-    loader_args = dict(num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+        False, transform=build_worker_transform(False, **transform_args), **dataset_args)
+    # A loader's own generator: the worker seeds it draws (once with persistent workers, so a
+    # resumed run would draw where an uninterrupted one does not) leave the process's random
+    # stream alone.
+    loader_args = dict(device=dist_state.device, num_workers=args.num_workers,
                        pin_memory=args.pin_mem and dist_state.device.type == 'cuda',
                        generator=torch.Generator().manual_seed(args.seed),
                        worker_init_fn=ignore_stop_signals)
@@ -351,22 +357,30 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
         val_sampler = ShardSampler(len(dataset_val), num_replicas=world_size, rank=rank)
     else:
         val_sampler = torch.utils.data.SequentialSampler(dataset_val)
-    val_loader = torch.utils.data.DataLoader(
-        dataset_val, sampler=val_sampler, batch_size=int(EVAL_BATCH_FACTOR * args.batch_size),
-        drop_last=False, **loader_args)
+    val_loader = build_loader(dataset_val, sampler=val_sampler,
+                              batch_size=int(EVAL_BATCH_FACTOR * args.batch_size), **loader_args)
     if not train:
         return None, val_loader, num_classes
-    dataset_train, _ = build_dataset(
-        True, transform=build_transform(True, **transform_args), **dataset_args)
+    device_augment = None
+    if args.gpu_augment:
+        if args.input_size <= SMALL_INPUT_MAX:
+            raise UsageError(f'--gpu-augment needs --input-size above {SMALL_INPUT_MAX}, '
+                             f'not {args.input_size}')
+        del transform_args['color_jitter']  # timm applies no colour jitter with RandAugment
+        train_transform, device_augment = build_gpu_augment(**transform_args)
+    else:
+        train_transform = build_worker_transform(True, **transform_args)
+    dataset_train, _ = build_dataset(True, transform=train_transform, **dataset_args)
     train_sampler = build_train_sampler(dataset_train, num_replicas=world_size, rank=rank,
                                         repeated_aug=args.repeated_aug, seed=args.seed)
     if len(train_sampler) < args.batch_size:
         raise UsageError(f'--batch-size {args.batch_size} exceeds the {len(train_sampler)} '
                          f'training images each process sees: no full batch')
     # Per-sample seeds: augmentations independent of the (persistent) workers, exact on resume.
-    train_loader = torch.utils.data.DataLoader(
+    train_loader = build_loader(
         SeededDataset(dataset_train), sampler=SeededSampler(train_sampler, args.seed, rank),
-        batch_size=args.batch_size, drop_last=True, **loader_args)
+        batch_size=args.batch_size, drop_last=True, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount, device_augment=device_augment, **loader_args)
     return train_loader, val_loader, num_classes
 
 

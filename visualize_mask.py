@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ['BORDER_COLOUR', 'group_assignments', 'denormalize', 'to_uint8', 'paint_groups',
+__all__ = ['BORDER_COLOUR', 'group_assignments', 'normalize', 'denormalize', 'to_uint8', 'paint_groups',
            'overview', 'visualization_indices', 'visualize']
 
 BORDER_COLOUR = (255, 255, 255)
@@ -73,6 +73,13 @@ def group_assignments(reductions: Sequence[Tuple[torch.Tensor, torch.Tensor]],
         groups.append(assignment.gather(1, groups[-1]) if groups else assignment)
         tokens_in = kept_index.shape[1]
     return groups
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The input normalisation. (B, 3, H, W) uint8 -> (B, 3, H, W) float32, ``(x / 255 - mean) / std``."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, RGB, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, RGB, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float],
@@ -223,7 +230,7 @@ def visualize(model: torch.nn.Module, dataset, device: Union[str, torch.device],
         model: an MTViT (or a wrapper such as DDP with the MTViT as ``.module``); patch size
             and grid are read from it (``patch_embed.patch_size``, ``grid``).
         dataset: the whole validation set (not a process's shard): item i is (image (3, H, W)
-            normalised with ``mean``/``std`` at the model's input size, target); its
+            at the model's input size, uint8 or normalised with ``mean``/``std``, target); its
             ``targets`` list, where it has one, spreads the images over the classes.
         device: where the model runs.
         output_dir: created if missing; file names in the module docstring.
@@ -259,6 +266,8 @@ def visualize(model: torch.nn.Module, dataset, device: Union[str, torch.device],
     with torch.no_grad():
         for batch_index, (images, _) in enumerate(loader):
             images = images.to(device, non_blocking=True)
+            if images.dtype == torch.uint8:  # the training pipeline's images (input_pipeline)
+                images = normalize(images=images, mean=mean, std=std)
             _, reductions = model(images, keep_rate=keep_rate, get_idx=True)
             groups = group_assignments(reductions=reductions, num_patches=grid[0] * grid[1])
             inputs = to_uint8(denormalize(images=images, mean=mean, std=std).permute(0, 2, 3, 1))

@@ -15,6 +15,7 @@ from dataset_helpers import (DIGITS_TRAIN_SIZE, DIGITS_VAL_SIZE, NUM_DIGITS, ass
                              pixels, write_corrupt_tree, write_good_jpeg, write_truncated_jpeg)
 
 import datasets
+import input_pipeline
 from datasets import DatasetError
 
 # sha256 of the validation indices (little-endian int64) sorted by (label, index): pins which
@@ -88,10 +89,10 @@ def test_digits_splits_are_a_fixed_shuffle_of_the_same_sets():
 def test_build_dataset_digits_ignores_path_and_transforms_to_input_size():
     train_set, num_classes = datasets.build_dataset(
         is_train=True, data_set='DIGITS', data_path='/does/not/matter',
-        transform=datasets.build_transform(is_train=True, input_size=32))
+        transform=input_pipeline.build_transform(is_train=True, input_size=32))
     val_set, val_classes = datasets.build_dataset(
         is_train=False, data_set='DIGITS', data_path=None,
-        transform=datasets.build_transform(is_train=False, input_size=48))
+        transform=input_pipeline.build_transform(is_train=False, input_size=48))
     assert num_classes == val_classes == 10
     assert (len(train_set), len(val_set)) == (DIGITS_TRAIN_SIZE, DIGITS_VAL_SIZE)
     assert train_set.classes == [str(digit) for digit in range(10)]
@@ -137,7 +138,7 @@ def test_export_digits_refuses_non_empty_folder(digits_tree):
 # ---------------------------------------------------------------------------
 
 def test_train_transform_passes_crop_and_flip_settings():
-    transform = datasets.build_transform(is_train=True, input_size=64, scale=(0.5, 1.0),
+    transform = input_pipeline.build_transform(is_train=True, input_size=64, scale=(0.5, 1.0),
                                          ratio=(0.9, 1.1), hflip=0.0, vflip=0.5)
     crop = transform.transforms[0]
     assert crop.size == (64, 64) and crop.scale == (0.5, 1.0) and crop.ratio == (0.9, 1.1)
@@ -149,9 +150,9 @@ def test_train_transform_passes_crop_and_flip_settings():
 
 
 def test_small_train_transform_uses_padded_random_crop():
-    transform = datasets.build_transform(is_train=True, input_size=32, auto_augment='none', re_prob=0.0)
+    transform = input_pipeline.build_transform(is_train=True, input_size=32, auto_augment='none', re_prob=0.0)
     first, second = transform.transforms[:2]
-    assert isinstance(first, datasets.ResizeIfSmaller)
+    assert isinstance(first, input_pipeline.ResizeIfSmaller)
     assert isinstance(second, transforms.RandomCrop)
     assert second.size == (32, 32) and second.padding == 4
     assert not any('RandAugment' in type(step).__name__ for step in transform.transforms)
@@ -160,7 +161,7 @@ def test_small_train_transform_uses_padded_random_crop():
 
 
 def test_eval_transform_resizes_crops_and_normalises():
-    transform = datasets.build_transform(is_train=False, input_size=224)
+    transform = input_pipeline.build_transform(is_train=False, input_size=224)
     resize = transform.transforms[0]
     assert isinstance(resize, transforms.Resize)
     assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
@@ -169,7 +170,7 @@ def test_eval_transform_resizes_crops_and_normalises():
     expected = (1 - torch.tensor((0.485, 0.456, 0.406))) / torch.tensor((0.229, 0.224, 0.225))
     torch.testing.assert_close(white[:, 100, 100], expected)
 
-    small = datasets.build_transform(is_train=False, input_size=32)
+    small = input_pipeline.build_transform(is_train=False, input_size=32)
     assert not any(isinstance(step, transforms.Resize) for step in small.transforms)
     cifar_like = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     expected_tensor = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
@@ -233,7 +234,7 @@ def test_imagefolder_val_classes_must_match_train(tmp_path):
 
 
 def test_imagefolder_loads_digits_tree(digits_tree):
-    transform = datasets.build_transform(is_train=False, input_size=32)
+    transform = input_pipeline.build_transform(is_train=False, input_size=32)
     dataset, num_classes = datasets.build_dataset(is_train=False, data_set='IMNET',
                                                   data_path=str(digits_tree), transform=transform)
     assert num_classes == 10 and len(dataset) == DIGITS_VAL_SIZE

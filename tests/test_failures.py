@@ -205,6 +205,15 @@ def test_use_lmdb_points_to_the_arrow_packing(tree, tmp_path):
     assert_one_line_error(run, '--use-lmdb', 'python pack_arrow.py pack', '--data-set ARROW')
 
 
+@pytest.mark.parametrize('flags, named', [
+    (['--aa', 'none'], ['--gpu-augment', '--aa none', 'rand-']),
+    (['--input-size', '32'], ['--gpu-augment', '--input-size', '32']),
+])
+def test_gpu_augment_needs_rand_augment_and_a_resized_crop(tree, tmp_path, flags, named):
+    run = run_main([*tree_args(tree), *TINY, '--gpu-augment', *flags], tmp_path, 'run')
+    assert_one_line_error(run, *named)
+
+
 @pytest.mark.parametrize('rate', ['0', '1.5', '-0.3'])
 def test_base_keep_rate_outside_range(tree, tmp_path, rate):
     run = run_main([*tree_args(tree), *TINY, '--base_keep_rate', rate], tmp_path, 'run')
@@ -543,7 +552,7 @@ def one_thread():
 def test_original_release_checkpoint_loads(tree, tmp_path, one_thread):
     from torchvision.datasets import ImageFolder
 
-    from datasets import build_transform
+    from input_pipeline import build_transform
     val = ImageFolder(os.path.join(tree, 'val'), transform=build_transform(is_train=False, input_size=32))
     images = torch.stack([image for image, _ in val])
     labels = torch.tensor(val.targets)

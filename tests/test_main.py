@@ -484,11 +484,18 @@ def accuracy_in_process(state_dict, data, input_size):
     import timm
     from torchvision.datasets import ImageFolder
 
-    from datasets import build_transform
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+
+    from input_pipeline import build_worker_transform
     model = timm.create_model('deit_small_patch16_shrink_base', pretrained=False, multi_scale=True,
                               img_size=input_size, num_classes=10, base_keep_rate=0.7).eval()
     model.load_state_dict(state_dict)
-    val = ImageFolder(os.path.join(data, 'val'), transform=build_transform(is_train=False, input_size=input_size))
+    # main.py's pixels (its uint8 worker transform), normalised here in float32.
+    transform = transforms.Compose([build_worker_transform(is_train=False, input_size=input_size),
+                                    transforms.ConvertImageDtype(torch.float32),
+                                    transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    val = ImageFolder(os.path.join(data, 'val'), transform=transform)
     loader = torch.utils.data.DataLoader(val, batch_size=32, shuffle=False)
     with torch.no_grad():
         correct = sum(int((model(images).argmax(dim=1) == labels).sum()) for images, labels in loader)

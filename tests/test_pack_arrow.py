@@ -18,6 +18,7 @@ from dataset_helpers import (DIGITS_TRAIN_SIZE, DIGITS_VAL_SIZE, REPO_ROOT, asse
                              pixels, write_corrupt_tree, write_good_jpeg, write_mixed_tree)
 
 import datasets
+import input_pipeline
 import pack_arrow
 from datasets import DatasetError
 
@@ -102,7 +103,7 @@ def test_arrow_errors(tmp_path):
 def test_arrow_dataset_pickles_small_and_works_in_worker_processes(tmp_path):
     source = write_mixed_tree(tmp_path / 'tree')
     pack_arrow.pack_imagefolder(str(source), str(tmp_path / 'packed'), rows_per_batch=3)
-    transform = datasets.build_transform(is_train=False, input_size=16)
+    transform = input_pipeline.build_transform(is_train=False, input_size=16)
     packed = datasets.ArrowImageDataset(str(tmp_path / 'packed' / 'train.arrow'), transform=transform)
     packed[0]
     assert packed._batches is not None

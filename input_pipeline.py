@@ -1,0 +1,410 @@
+"""The training and evaluation input pipeline: uint8 images from the workers, the rest on the device.
+
+A loader worker does only the per-image work: decode (``datasets.decode_image`` with
+``as_tensor``), the random resized crop, the flips and the colour augmentation (RandAugment or
+colour jitter, timm's PIL implementations), and hands over a (3, H, W) uint8 tensor. timm's
+``fast_collate`` stacks them without a float copy, and ``DeviceLoader`` moves each batch to the
+device, where normalisation and random erasing run batched. The per-image timm transform (``build_transform``, normalised float32 images per
+worker) is the reference: with the same random draws both give the same pixels, up to the
+resize (see ``resized_crop``).
+
+``python datasets.py bench`` (``pipeline_bench.py``) measures this pipeline against the reference.
+"""
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+# DeiT's eval resize: the crop keeps 87.5% of the resized side (256 -> 224).
+EVAL_CROP_FRACTION = 0.875
+# DeiT treats inputs of at most this size as CIFAR-like: pad-and-crop instead of resized crops.
+SMALL_INPUT_MAX = 32
+SMALL_INPUT_CROP_PADDING = 4
+
+# The filters torch resamples as PIL does (antialiased); the others (nearest, which torch and PIL
+# round differently, lanczos, hamming, box) are left to PIL.
+TORCH_FILTERS = {InterpolationMode.BICUBIC: 'bicubic', InterpolationMode.BILINEAR: 'bilinear'}
+
+
+class ResizeIfSmaller:
+    """Upscale an image whose shorter side is below ``size`` so that it equals ``size``.
+
+    DeiT's pipeline for inputs of at most 32 pixels assumes the images are already that large
+    (CIFAR); smaller images (e.g. the 8x8 digits) would make RandomCrop fail and CenterCrop pad
+    with black. Images at least ``size`` pixels are returned unchanged, so CIFAR is unaffected.
+    """
+
+    def __init__(self, size, interpolation=InterpolationMode.BICUBIC):
+        self.size = size
+        self.interpolation = interpolation
+
+    def __call__(self, image):
+        """Return ``image``, upscaled if its shorter side is below ``size``."""
+        if min(image.size) >= self.size:
+            return image
+        return transforms.functional.resize(image, self.size, interpolation=self.interpolation)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}(size={self.size}, interpolation={self.interpolation.value})'
+
+
+def build_transform(is_train, input_size, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1',
+                    interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1,
+                    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
+    """Build DeiT's train or eval transform for square inputs of ``input_size`` pixels.
+
+    Training uses timm's ``create_transform`` (random resized crop, flips, RandAugment, random
+    erasing); for ``input_size <= 32`` the resized crop becomes a 4-pixel padded random crop as
+    in DeiT. Evaluation resizes to ``input_size / 0.875`` (only above 32 pixels), center-crops,
+    and normalises with the ImageNet mean and std. ``auto_augment`` of None, '' or 'none'
+    disables RandAugment. Images smaller than a small ``input_size`` are upscaled first.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    small_input = input_size <= SMALL_INPUT_MAX
+    if is_train:
+        if auto_augment in ('', 'none'):
+            auto_augment = None
+        transform = create_transform(
+            input_size=input_size, is_training=True, color_jitter=color_jitter,
+            auto_augment=auto_augment, interpolation=interpolation, re_prob=re_prob,
+            re_mode=re_mode, re_count=re_count, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        if small_input:
+            transform.transforms[0:1] = [
+                ResizeIfSmaller(input_size),
+                transforms.RandomCrop(input_size, padding=SMALL_INPUT_CROP_PADDING),
+            ]
+        return transform
+
+    steps = []
+    if small_input:
+        steps.append(ResizeIfSmaller(input_size))
+    else:
+        steps.append(transforms.Resize(int(input_size / EVAL_CROP_FRACTION),
+                                       interpolation=InterpolationMode.BICUBIC))
+    steps += [
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ]
+    return transforms.Compose(steps)
+
+
+def to_image_tensor(image) -> torch.Tensor:
+    """A PIL image, an (H, W, 3) uint8 array or a (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor.
+
+    The PIL and array cases return a channels-last view (no copy beyond NumPy's), which is the
+    layout the resize kernels and ``fast_collate`` read fastest.
+    """
+    if isinstance(image, torch.Tensor):
+        return image
+    array = np.array(image.convert('RGB') if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def to_pil_image(image) -> Image.Image:
+    """A (3, H, W) uint8 tensor (or a PIL image, returned as it is) -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+
+
+def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int,
+                 size, interpolation: InterpolationMode) -> torch.Tensor:
+    """Crop ``image`` (3, H, W) uint8 and resize the crop to ``size`` (h, w): (3, h, w) uint8.
+
+    For bicubic and bilinear, torch's antialiased uint8 resampling is Pillow-SIMD's algorithm
+    (PIL's filters, bicubic with a = -0.5, in 16-bit instead of PIL's 22-bit fixed point): a
+    pixel differs from PIL's by at most 2 of 255 levels, at about a third of PIL's time. Other
+    filters are PIL's own.
+    """
+    region = image[:, top:top + height, left:left + width]
+    if interpolation not in TORCH_FILTERS:
+        resized = transforms.functional.resize(to_pil_image(region), list(size), interpolation)
+        return to_image_tensor(resized)
+    # Channels-last input: the uint8 kernels then write the output without a layout copy.
+    region = region.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(region, size=tuple(size), mode=TORCH_FILTERS[interpolation],
+                         antialias=True)[0]
+
+
+class RandomResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` on (3, H, W) uint8 tensors.
+
+    The crop and filter are drawn exactly as timm draws them (same generator, same order), so a
+    seeded run crops where the per-image transform crops; only the resampling is ``resized_crop``'s.
+    """
+
+    def __init__(self, crop):
+        self.crop = crop
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        return resized_crop(image, top, left, height, width, self.crop.size, interpolation)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}({self.crop!r})'
+
+
+class RandomCropBox:
+    """timm's random resized crop without the resize (``--gpu-augment``): the box drawn as timm
+    draws it, (3, H, W) uint8 -> (3, h, w) uint8, a copy (a view would ship the whole image to
+    the main process). The filter, when timm draws one, is drawn on the device side."""
+
+    def __init__(self, crop):
+        self.crop = crop
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        return image[:, top:top + height, left:left + width].contiguous()
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}(scale={self.crop.scale}, ratio={self.crop.ratio})'
+
+
+class ResizeShorterSide:
+    """torchvision's ``Resize(size)`` (shorter side to ``size``) on (3, H, W) uint8 tensors."""
+
+    def __init__(self, size: int, interpolation=InterpolationMode.BICUBIC):
+        self.size = size
+        self.interpolation = interpolation
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        short, long = sorted((height, width))
+        # torchvision's rounding of the longer side, so that the center crop lands on the same pixels.
+        new_long = int(self.size * long / short)
+        size = (self.size, new_long) if height <= width else (new_long, self.size)
+        return resized_crop(image, 0, 0, height, width, size, self.interpolation)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}(size={self.size}, interpolation={self.interpolation.value})'
+
+
+class ToImageTensor:
+    """Transform step: any image -> (3, H, W) uint8 tensor (``to_image_tensor``)."""
+
+    def __call__(self, image):
+        return to_image_tensor(image)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}()'
+
+
+class ToPILImage:
+    """Transform step: (3, H, W) uint8 tensor -> PIL image, for timm's PIL colour augmentations."""
+
+    def __call__(self, image):
+        return to_pil_image(image)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}()'
+
+
+def _timm_train_steps(input_size, color_jitter, auto_augment, interpolation, scale, ratio,
+                      hflip, vflip):
+    """timm's training transform in its separate parts: (crop and flips, colour augmentation)."""
+    from timm.data import create_transform
+
+    if auto_augment in ('', 'none'):
+        auto_augment = None
+    primary, colour, _ = create_transform(
+        input_size=input_size, is_training=True, color_jitter=color_jitter,
+        auto_augment=auto_augment, interpolation=interpolation, scale=scale, ratio=ratio,
+        hflip=hflip, vflip=vflip, separate=True, use_prefetcher=True)
+    return primary.transforms, colour.transforms
+
+
+def build_worker_transform(is_train, input_size, color_jitter=0.4,
+                           auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
+                           scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
+    """The per-image part of the pipeline: image (PIL or (3, H, W) uint8) -> (3, S, S) uint8.
+
+    The same steps, flags and random draws as ``build_transform`` without its last
+    three (``ToTensor``, ``Normalize``, ``RandomErasing``), which ``DeviceLoader`` runs batched.
+    Small inputs (``input_size <= 32``) keep the reference's PIL steps: their images are tiny.
+    """
+    if not is_train:
+        if input_size <= SMALL_INPUT_MAX:
+            reference = build_transform(False, input_size)
+            return transforms.Compose([ToPILImage(), *reference.transforms[:-2], ToImageTensor()])
+        return transforms.Compose([ToImageTensor(),
+                                   ResizeShorterSide(int(input_size / EVAL_CROP_FRACTION)),
+                                   transforms.CenterCrop(input_size)])
+    crop_and_flips, colour = _timm_train_steps(input_size, color_jitter, auto_augment,
+                                               interpolation, scale, ratio, hflip, vflip)
+    if input_size <= SMALL_INPUT_MAX:
+        reference = build_transform(True, input_size, color_jitter=color_jitter,
+                                    auto_augment=auto_augment, interpolation=interpolation,
+                                    re_prob=0.0, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip)
+        # The reference's pad-and-crop (two steps for timm's one) and flips, in PIL.
+        steps = [ToPILImage(), *reference.transforms[:len(crop_and_flips) + 1]]
+    else:
+        steps = [ToImageTensor(), RandomResizedCrop(crop_and_flips[0]), *crop_and_flips[1:]]
+        if colour:
+            steps.append(ToPILImage())
+    return transforms.Compose(steps + colour + [ToImageTensor()])
+
+
+class DeviceAugment:
+    """``--gpu-augment``'s device half: the crops of a batch resized to ``size`` (each with timm's
+    filter, drawn per sample when timm draws one) and timm's RandAugment, batched but drawn per
+    sample (``device_augment.py``); the crops packed by ``collate_crops`` -> (B, 3, S, S) uint8."""
+
+    def __init__(self, crop, rand_augment):
+        from device_augment import DeviceRandAugment, resize_crops
+
+        self.size = crop.size
+        self.filters = crop.interpolation
+        self.rand_augment = DeviceRandAugment.from_timm(rand_augment)
+        self.resize_crops = resize_crops
+
+    def __call__(self, packed_crops):
+        """``(packed, sizes)`` of ``collate_crops``, ``packed`` on the device -> (B, 3, S, S) uint8."""
+        crops = unpack_crops(*packed_crops)
+        filters = self.filters
+        if isinstance(filters, (tuple, list)):
+            filters = [random.choice(filters) for _ in crops]
+        return self.rand_augment(self.resize_crops(crops, self.size, interpolation=filters))
+
+
+def build_gpu_augment(input_size, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
+                      scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
+    """``--gpu-augment``: (worker transform: image -> its (3, h, w) uint8 crop, flipped,
+    ``DeviceAugment``). Needs an input above 32 pixels and a RandAugment ('rand-...') policy."""
+    crop_and_flips, colour = _timm_train_steps(input_size, None, auto_augment, interpolation,
+                                               scale, ratio, hflip, vflip)
+    worker = transforms.Compose([ToImageTensor(), RandomCropBox(crop_and_flips[0]),
+                                 *crop_and_flips[1:]])
+    return worker, DeviceAugment(crop_and_flips[0], colour[0])
+
+
+def collate_crops(batch):
+    """``--gpu-augment``'s collate: ((crops packed into one flat uint8 tensor, their (B, 2)
+    heights and widths), targets (B,)). One tensor: one shared-memory segment to the main
+    process and one copy to the device, instead of one per crop."""
+    crops = [image for image, _ in batch]
+    sizes = torch.tensor([tuple(crop.shape[1:]) for crop in crops])
+    packed = torch.cat([crop.reshape(-1) for crop in crops])
+    return (packed, sizes), torch.tensor([target for _, target in batch])
+
+
+def unpack_crops(packed: torch.Tensor, sizes: torch.Tensor) -> list:
+    """``collate_crops``' packing undone (views): [(3, h_i, w_i) uint8]."""
+    shapes = [(3, height, width) for height, width in sizes.tolist()]
+    pieces = packed.split([3 * height * width for _, height, width in shapes])
+    return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+
+
+class DeviceLoader:
+    """A loader of uint8 batches seen as one of normalised float32 batches on ``device``.
+
+    Each batch is normalised (``(x - 255 mean) / (255 std)``) and, with ``re_prob`` > 0,
+    randomly erased there (timm's ``RandomErasing``, drawn per sample as in the per-image
+    transform). On CUDA the next batch is copied on a side stream while the current one trains.
+    Unlike timm's ``PrefetchLoader``, which also erases one batch ahead, the erasing draws
+    happen when a batch is handed out, in the order of the training step's own draws (Mixup),
+    so that a run resumed after step k draws what an uninterrupted one draws.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
+                 re_prob: float = 0.0, re_mode: str = 'pixel', re_count: int = 1,
+                 device_augment: Optional[DeviceAugment] = None):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from timm.data.random_erasing import RandomErasing
+
+        self.loader = loader
+        self.device = torch.device(device)
+        self.mean = torch.tensor([255 * value for value in IMAGENET_DEFAULT_MEAN],
+                                 device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * value for value in IMAGENET_DEFAULT_STD],
+                                device=self.device).view(1, -1, 1, 1)
+        self.random_erasing = (RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count,
+                                             device=self.device) if re_prob > 0 else None)
+        self.device_augment = device_augment
+        self.copy_stream = None
+
+    def __iter__(self):
+        """Yields ``(images (B, 3, S, S) float32 normalised, targets (B,))`` on the device."""
+        if self.device.type == 'cuda' and self.copy_stream is None:
+            # One stream for the loader's life: the allocator pools blocks per stream.
+            self.copy_stream = torch.cuda.Stream(device=self.device)
+        staged = None
+        for images, targets in self.loader:
+            next_staged = self._copy(images, targets)
+            if staged is not None:
+                yield self._finish(*staged)
+            staged = next_staged
+        if staged is not None:
+            yield self._finish(*staged)
+
+    def _copy(self, images, targets: torch.Tensor):
+        """``images``: a (B, 3, S, S) uint8 batch, or with ``device_augment`` packed crops."""
+        if self.copy_stream is None:
+            return self._to_device(images), self._to_device(targets)
+        # Blocks the training step just freed may be handed out below: the copy must not
+        # overwrite them before the step's queued kernels have read them.
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            return self._to_device(images), self._to_device(targets)
+
+    def _to_device(self, tensors):
+        if isinstance(tensors, tuple):  # collate_crops' (packed, sizes): the sizes stay here
+            packed, sizes = tensors
+            return packed.to(self.device, non_blocking=True), sizes
+        return tensors.to(self.device, non_blocking=True)
+
+    def _finish(self, images, targets: torch.Tensor):
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if self.device_augment is not None:
+            images = self.device_augment(images)
+        images = images.float().sub_(self.mean).div_(self.std)
+        if self.random_erasing is not None:
+            images = self.random_erasing(images)
+        return images, targets
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def batch_size(self):
+        return self.loader.batch_size
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+
+def build_loader(dataset, device, batch_size: int, sampler=None, drop_last: bool = False,
+                 num_workers: int = 0, pin_memory: bool = False, generator=None,
+                 worker_init_fn=None, re_prob: float = 0.0, re_mode: str = 'pixel',
+                 re_count: int = 1, device_augment: Optional[DeviceAugment] = None) -> DeviceLoader:
+    """A ``DeviceLoader`` over ``dataset``, whose items are ``(uint8 (3, S, S), target)``, or
+    ``(uint8 (3, h, w) crop, target)`` with ``device_augment`` (``build_gpu_augment``; the
+    crops travel packed, see ``collate_crops``).
+
+    Workers are persistent (no restart at every epoch); ``generator`` seeds their base seeds.
+    """
+    from timm.data.loader import fast_collate
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        generator=generator, worker_init_fn=worker_init_fn,
+        collate_fn=collate_crops if device_augment is not None else fast_collate)
+    return DeviceLoader(loader, device, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+                        device_augment=device_augment)
