@@ -26,6 +26,8 @@ EVAL_CROP_FRACTION = 0.875
 SMALL_INPUT_MAX = 32
 SMALL_INPUT_CROP_PADDING = 4
 
+# --train-interpolation values --gpu-augment can resize with ('random': bilinear or bicubic).
+GPU_AUGMENT_FILTERS = ('bicubic', 'bilinear', 'nearest', 'random')
 # The filters torch resamples as PIL does (antialiased); the others (nearest, which torch and PIL
 # round differently, lanczos, hamming, box) are left to PIL.
 TORCH_FILTERS = {InterpolationMode.BICUBIC: 'bicubic', InterpolationMode.BILINEAR: 'bilinear'}
@@ -258,7 +260,7 @@ def build_worker_transform(is_train, input_size, color_jitter=0.4,
 class DeviceAugment:
     """``--gpu-augment``'s device half: the crops of a batch resized to ``size`` (each with timm's
     filter, drawn per sample when timm draws one) and timm's RandAugment, batched but drawn per
-    sample (``device_augment.py``); the crops packed by ``collate_crops`` -> (B, 3, S, S) uint8."""
+    sample (``device_augment.py``); the crops of ``collate_crops`` -> (B, 3, S, S) uint8."""
 
     def __init__(self, crop, rand_augment):
         from device_augment import DeviceRandAugment, resize_crops
@@ -268,13 +270,13 @@ class DeviceAugment:
         self.rand_augment = DeviceRandAugment.from_timm(rand_augment)
         self.resize_crops = resize_crops
 
-    def __call__(self, packed_crops):
-        """``(packed, sizes)`` of ``collate_crops``, ``packed`` on the device -> (B, 3, S, S) uint8."""
-        crops = unpack_crops(*packed_crops)
+    def __call__(self, padded_crops):
+        """``(padded, sizes)`` of ``collate_crops``, ``padded`` on the device -> (B, 3, S, S) uint8."""
+        padded, sizes = padded_crops
         filters = self.filters
         if isinstance(filters, (tuple, list)):
-            filters = [random.choice(filters) for _ in crops]
-        return self.rand_augment(self.resize_crops(crops, self.size, interpolation=filters))
+            filters = [random.choice(filters) for _ in range(len(padded))]
+        return self.rand_augment(self.resize_crops(padded, sizes, self.size, interpolation=filters))
 
 
 def build_gpu_augment(input_size, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
@@ -289,20 +291,12 @@ def build_gpu_augment(input_size, auto_augment='rand-m9-mstd0.5-inc1', interpola
 
 
 def collate_crops(batch):
-    """``--gpu-augment``'s collate: ((crops packed into one flat uint8 tensor, their (B, 2)
-    heights and widths), targets (B,)). One tensor: one shared-memory segment to the main
-    process and one copy to the device, instead of one per crop."""
-    crops = [image for image, _ in batch]
-    sizes = torch.tensor([tuple(crop.shape[1:]) for crop in crops])
-    packed = torch.cat([crop.reshape(-1) for crop in crops])
-    return (packed, sizes), torch.tensor([target for _, target in batch])
+    """``--gpu-augment``'s collate: ((the crops zero-padded into one (B, 3, max h, max w) uint8
+    tensor, their (B, 2) heights and widths), targets (B,)). One tensor: one shared-memory
+    segment to the main process, one copy to the device, one batched resize there."""
+    from device_augment import pad_crops
 
-
-def unpack_crops(packed: torch.Tensor, sizes: torch.Tensor) -> list:
-    """``collate_crops``' packing undone (views): [(3, h_i, w_i) uint8]."""
-    shapes = [(3, height, width) for height, width in sizes.tolist()]
-    pieces = packed.split([3 * height * width for _, height, width in shapes])
-    return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+    return pad_crops([image for image, _ in batch]), torch.tensor([target for _, target in batch])
 
 
 class DeviceLoader:
@@ -348,24 +342,30 @@ class DeviceLoader:
             yield self._finish(*staged)
 
     def _copy(self, images, targets: torch.Tensor):
-        """``images``: a (B, 3, S, S) uint8 batch, or with ``device_augment`` packed crops."""
+        """``images``: a (B, 3, S, S) uint8 batch, or with ``device_augment`` padded crops.
+        Returns the device copies and the event that marks their arrival (None off CUDA)."""
         if self.copy_stream is None:
-            return self._to_device(images), self._to_device(targets)
+            return self._to_device(images), self._to_device(targets), None
         # Blocks the training step just freed may be handed out below: the copy must not
         # overwrite them before the step's queued kernels have read them.
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            return self._to_device(images), self._to_device(targets)
+            copies = self._to_device(images), self._to_device(targets)
+            # An event per batch: waiting on the stream would also wait for the copy of the
+            # batch after it, queued behind the step this one is for.
+            arrived = torch.cuda.Event()
+            arrived.record(self.copy_stream)
+        return (*copies, arrived)
 
     def _to_device(self, tensors):
-        if isinstance(tensors, tuple):  # collate_crops' (packed, sizes): the sizes stay here
-            packed, sizes = tensors
-            return packed.to(self.device, non_blocking=True), sizes
+        if isinstance(tensors, tuple):  # collate_crops' (padded, sizes): the sizes stay here
+            padded, sizes = tensors
+            return padded.to(self.device, non_blocking=True), sizes
         return tensors.to(self.device, non_blocking=True)
 
-    def _finish(self, images, targets: torch.Tensor):
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+    def _finish(self, images, targets: torch.Tensor, arrived: Optional[torch.cuda.Event]):
+        if arrived is not None:
+            torch.cuda.current_stream(self.device).wait_event(arrived)
         if self.device_augment is not None:
             images = self.device_augment(images)
         images = images.float().sub_(self.mean).div_(self.std)
@@ -395,7 +395,7 @@ def build_loader(dataset, device, batch_size: int, sampler=None, drop_last: bool
                  re_count: int = 1, device_augment: Optional[DeviceAugment] = None) -> DeviceLoader:
     """A ``DeviceLoader`` over ``dataset``, whose items are ``(uint8 (3, S, S), target)``, or
     ``(uint8 (3, h, w) crop, target)`` with ``device_augment`` (``build_gpu_augment``; the
-    crops travel packed, see ``collate_crops``).
+    crops travel padded, see ``collate_crops``).
 
     Workers are persistent (no restart at every epoch); ``generator`` seeds their base seeds.
     """

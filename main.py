@@ -15,7 +15,8 @@ import torch
 
 import models_mtvit
 from datasets import DATA_SETS, DatasetError, build_dataset
-from input_pipeline import SMALL_INPUT_MAX, build_gpu_augment, build_loader, build_worker_transform
+from input_pipeline import (GPU_AUGMENT_FILTERS, SMALL_INPUT_MAX, build_gpu_augment, build_loader,
+                            build_worker_transform)
 from engine import evaluate, keep_rate_at
 from losses import build_criterion
 from samplers import SeededDataset, SeededSampler, ShardSampler, build_train_sampler
@@ -248,6 +249,9 @@ def check_args(args: argparse.Namespace):
     if args.gpu_augment and not args.aa.startswith('rand'):
         raise UsageError(f'--gpu-augment runs RandAugment on the device; --aa {args.aa} is not '
                          f'a RandAugment policy (rand-...)')
+    if args.gpu_augment and args.train_interpolation not in GPU_AUGMENT_FILTERS:
+        raise UsageError(f'--gpu-augment resizes with {", ".join(GPU_AUGMENT_FILTERS)}, not '
+                         f'--train-interpolation {args.train_interpolation}')
 
 
 def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str,

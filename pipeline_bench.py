@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from speed_test import synchronize
+
 DEFAULT_ROUNDS = 7
 DEFAULT_IMAGES = 512
 DEFAULT_BATCH_SIZE = 32
@@ -88,12 +90,17 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
     """main.py's flags for these data: its defaults, the bench's settings and ``--main-flags``."""
     import shlex
 
-    from main import get_args_parser as main_parser
+    from main import check_args, get_args_parser as main_parser
+    from utils import OneLineErrorParser
 
-    return main_parser().parse_args(
+    parser = OneLineErrorParser(command='datasets.py bench: --main-flags', parents=[main_parser()],
+                                add_help=False)
+    train_args = parser.parse_args(
         ['--data-set', args.data_set, '--data-path', args.data_path, '--input-size',
          str(args.input_size), '--batch-size', str(args.batch_size), '--num_workers',
          str(args.workers), '--device', args.device, *shlex.split(args.main_flags)])
+    check_args(train_args)
+    return train_args
 
 
 class PerImageLoader:
@@ -128,10 +135,8 @@ class PerImageLoader:
 
 
 def time_round(loader, epoch: int, images: int, device: torch.device) -> float:
-    """Seconds per image to take ``images`` images from ``loader`` (whole batches, over as many
-    epochs as needed, the first being ``epoch``)."""
-    from speed_test import synchronize
-
+    """Seconds per image to take at least ``images`` images from ``loader`` in whole epochs, the
+    first being ``epoch`` (no batch left in the workers to run into the next round's time)."""
     taken = 0
     start = time.perf_counter()
     while taken < images:
@@ -139,8 +144,6 @@ def time_round(loader, epoch: int, images: int, device: torch.device) -> float:
         epoch += 1
         for _, targets in loader:
             taken += len(targets)
-            if taken >= images:
-                break
     synchronize(device)
     return (time.perf_counter() - start) / taken
 
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
         loaders = {name: loader.loader for name, loader in loaders.items()}
     times = {name: [] for name in loaders}
     # Distinct epochs: every round sees new crops and augmentations.
-    epochs_per_round = -(-args.images // len(pipeline.sampler))
+    epochs_per_round = -(-args.images // (len(pipeline) * args.batch_size))
     for round_index in range(args.rounds + 1):
         for name, loader in loaders.items():
             seconds = time_round(loader, epoch=round_index * epochs_per_round,
@@ -178,13 +181,14 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     """Runs the bench on ``argv`` and prints its table; returns the exit status."""
     from datasets import DatasetError
+    from main import UsageError
 
     args = get_args_parser().parse_args(argv)
     try:
         if args.sample_photos:
             print(f'{write_sample_photos(args.data_path)} training photographs written to {args.data_path}')
         result = run(args)
-    except (DatasetError, OSError) as err:
+    except (DatasetError, UsageError, OSError) as err:
         print(f'datasets.py bench: error: {err}', file=sys.stderr)
         return 2
     workers = max(args.workers, 1)

@@ -22,7 +22,8 @@ from timm.data.transforms import str_to_pil_interp  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
 import input_pipeline  # noqa: E402
-from device_augment import LEVEL_TO_ARG, AugmentDraws, DeviceRandAugment, resize_crops  # noqa: E402
+from device_augment import (LEVEL_TO_ARG, AugmentDraws, DeviceRandAugment, pad_crops,  # noqa: E402
+                            resize_crops)
 
 HEIGHT, WIDTH = 40, 48
 GEOMETRIC = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
@@ -244,11 +245,15 @@ def test_resize_crops_is_resized_crop(interpolation):
         expected = torch.stack([
             input_pipeline.resized_crop(image, top, left, h, w, size, interpolation)
             for top, left, h, w in boxes])
-        assert torch.equal(resize_crops(crops, size, interpolation=interpolation), expected)
+        padded, sizes = pad_crops(crops)
+        assert torch.equal(resize_crops(padded, sizes, size, interpolation=interpolation), expected)
         per_crop = [interpolation.value] * len(crops)
-        assert torch.equal(resize_crops(crops, size, interpolation=per_crop), expected)
+        assert torch.equal(resize_crops(padded, sizes, size, interpolation=per_crop), expected)
+        # The batched matrix products (the GPU's path): within one level of the uint8 kernels.
+        batched = resize_crops(padded, sizes, size, interpolation=interpolation, batched=True)
+        assert (batched.int() - expected.int()).abs().max() <= 1
     with pytest.raises(ValueError):
-        resize_crops(crops, 24, interpolation='lanczos')
+        resize_crops(*pad_crops(crops), 24, interpolation='lanczos')
 
 
 def test_shapes_dtype_device_and_no_in_place():
