@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image as decode_to_tensor
 
 DATA_SETS = ('IMNET', 'CIFAR', 'INAT', 'INAT19', 'DIGITS', 'ARROW')
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
@@ -62,8 +63,6 @@ def decode_image(fileobj, name, as_tensor=False):
     if as_tensor:
         data = fileobj.read()
         if data.startswith(TORCHVISION_DECODED):
-            from torchvision.io import ImageReadMode, decode_image as decode_to_tensor
-
             try:
                 image = decode_to_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                          mode=ImageReadMode.RGB)

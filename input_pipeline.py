@@ -20,6 +20,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from device_augment import DeviceRandAugment, pad_crops, resize_crops
+
 # DeiT's eval resize: the crop keeps 87.5% of the resized side (256 -> 224).
 EVAL_CROP_FRACTION = 0.875
 # DeiT treats inputs of at most this size as CIFAR-like: pad-and-crop instead of resized crops.
@@ -55,6 +57,35 @@ class ResizeIfSmaller:
         return f'{self.__class__.__name__}(size={self.size}, interpolation={self.interpolation.value})'
 
 
+def _small_input_steps(is_train, input_size):
+    """DeiT's geometry for inputs of at most 32 pixels (PIL): upscale smaller images, then a
+    4-pixel padded random crop (train) or a center crop (eval)."""
+    crop = (transforms.RandomCrop(input_size, padding=SMALL_INPUT_CROP_PADDING) if is_train
+            else transforms.CenterCrop(input_size))
+    return [ResizeIfSmaller(input_size), crop]
+
+
+def _timm_train_steps(input_size, color_jitter, auto_augment, interpolation, scale, ratio,
+                      hflip, vflip, re_prob=0.0, re_mode='pixel', re_count=1, use_prefetcher=True):
+    """timm's training transform in its three parts, as lists: (crop and flips, colour
+    augmentation, final steps: ToTensor, Normalize, RandomErasing; nothing with
+    ``use_prefetcher``). For ``input_size <= 32`` the crop is DeiT's (``_small_input_steps``)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    if auto_augment in ('', 'none'):
+        auto_augment = None
+    parts = create_transform(
+        input_size=input_size, is_training=True, color_jitter=color_jitter,
+        auto_augment=auto_augment, interpolation=interpolation, re_prob=re_prob,
+        re_mode=re_mode, re_count=re_count, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, separate=True,
+        use_prefetcher=use_prefetcher)
+    crop_and_flips, colour, final = (part.transforms for part in parts)
+    if input_size <= SMALL_INPUT_MAX:
+        crop_and_flips[0:1] = _small_input_steps(True, input_size)
+    return crop_and_flips, colour, final if not use_prefetcher else []
+
+
 def build_transform(is_train, input_size, color_jitter=0.4, auto_augment='rand-m9-mstd0.5-inc1',
                     interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1,
                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
@@ -66,36 +97,21 @@ def build_transform(is_train, input_size, color_jitter=0.4, auto_augment='rand-m
     and normalises with the ImageNet mean and std. ``auto_augment`` of None, '' or 'none'
     disables RandAugment. Images smaller than a small ``input_size`` are upscaled first.
     """
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    small_input = input_size <= SMALL_INPUT_MAX
     if is_train:
-        if auto_augment in ('', 'none'):
-            auto_augment = None
-        transform = create_transform(
-            input_size=input_size, is_training=True, color_jitter=color_jitter,
-            auto_augment=auto_augment, interpolation=interpolation, re_prob=re_prob,
-            re_mode=re_mode, re_count=re_count, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        if small_input:
-            transform.transforms[0:1] = [
-                ResizeIfSmaller(input_size),
-                transforms.RandomCrop(input_size, padding=SMALL_INPUT_CROP_PADDING),
-            ]
-        return transform
-
-    steps = []
-    if small_input:
-        steps.append(ResizeIfSmaller(input_size))
+        crop_and_flips, colour, final = _timm_train_steps(
+            input_size, color_jitter, auto_augment, interpolation, scale, ratio, hflip, vflip,
+            re_prob=re_prob, re_mode=re_mode, re_count=re_count, use_prefetcher=False)
+        return transforms.Compose(crop_and_flips + colour + final)
+    if input_size <= SMALL_INPUT_MAX:
+        steps = _small_input_steps(False, input_size)
     else:
-        steps.append(transforms.Resize(int(input_size / EVAL_CROP_FRACTION),
-                                       interpolation=InterpolationMode.BICUBIC))
-    steps += [
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ]
-    return transforms.Compose(steps)
+        steps = [transforms.Resize(int(input_size / EVAL_CROP_FRACTION),
+                                   interpolation=InterpolationMode.BICUBIC),
+                 transforms.CenterCrop(input_size)]
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
 def to_image_tensor(image) -> torch.Tensor:
@@ -212,20 +228,6 @@ class ToPILImage:
         return f'{self.__class__.__name__}()'
 
 
-def _timm_train_steps(input_size, color_jitter, auto_augment, interpolation, scale, ratio,
-                      hflip, vflip):
-    """timm's training transform in its separate parts: (crop and flips, colour augmentation)."""
-    from timm.data import create_transform
-
-    if auto_augment in ('', 'none'):
-        auto_augment = None
-    primary, colour, _ = create_transform(
-        input_size=input_size, is_training=True, color_jitter=color_jitter,
-        auto_augment=auto_augment, interpolation=interpolation, scale=scale, ratio=ratio,
-        hflip=hflip, vflip=vflip, separate=True, use_prefetcher=True)
-    return primary.transforms, colour.transforms
-
-
 def build_worker_transform(is_train, input_size, color_jitter=0.4,
                            auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
@@ -237,19 +239,15 @@ def build_worker_transform(is_train, input_size, color_jitter=0.4,
     """
     if not is_train:
         if input_size <= SMALL_INPUT_MAX:
-            reference = build_transform(False, input_size)
-            return transforms.Compose([ToPILImage(), *reference.transforms[:-2], ToImageTensor()])
+            return transforms.Compose([ToPILImage(), *_small_input_steps(False, input_size),
+                                       ToImageTensor()])
         return transforms.Compose([ToImageTensor(),
                                    ResizeShorterSide(int(input_size / EVAL_CROP_FRACTION)),
                                    transforms.CenterCrop(input_size)])
-    crop_and_flips, colour = _timm_train_steps(input_size, color_jitter, auto_augment,
-                                               interpolation, scale, ratio, hflip, vflip)
-    if input_size <= SMALL_INPUT_MAX:
-        reference = build_transform(True, input_size, color_jitter=color_jitter,
-                                    auto_augment=auto_augment, interpolation=interpolation,
-                                    re_prob=0.0, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip)
-        # The reference's pad-and-crop (two steps for timm's one) and flips, in PIL.
-        steps = [ToPILImage(), *reference.transforms[:len(crop_and_flips) + 1]]
+    crop_and_flips, colour, _ = _timm_train_steps(input_size, color_jitter, auto_augment,
+                                                  interpolation, scale, ratio, hflip, vflip)
+    if input_size <= SMALL_INPUT_MAX:  # the reference's PIL steps: the images are tiny
+        steps = [ToPILImage(), *crop_and_flips]
     else:
         steps = [ToImageTensor(), RandomResizedCrop(crop_and_flips[0]), *crop_and_flips[1:]]
         if colour:
@@ -263,12 +261,9 @@ class DeviceAugment:
     sample (``device_augment.py``); the crops of ``collate_crops`` -> (B, 3, S, S) uint8."""
 
     def __init__(self, crop, rand_augment):
-        from device_augment import DeviceRandAugment, resize_crops
-
         self.size = crop.size
         self.filters = crop.interpolation
         self.rand_augment = DeviceRandAugment.from_timm(rand_augment)
-        self.resize_crops = resize_crops
 
     def __call__(self, padded_crops):
         """``(padded, sizes)`` of ``collate_crops``, ``padded`` on the device -> (B, 3, S, S) uint8."""
@@ -276,15 +271,15 @@ class DeviceAugment:
         filters = self.filters
         if isinstance(filters, (tuple, list)):
             filters = [random.choice(filters) for _ in range(len(padded))]
-        return self.rand_augment(self.resize_crops(padded, sizes, self.size, interpolation=filters))
+        return self.rand_augment(resize_crops(padded, sizes, self.size, interpolation=filters))
 
 
 def build_gpu_augment(input_size, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
     """``--gpu-augment``: (worker transform: image -> its (3, h, w) uint8 crop, flipped,
     ``DeviceAugment``). Needs an input above 32 pixels and a RandAugment ('rand-...') policy."""
-    crop_and_flips, colour = _timm_train_steps(input_size, None, auto_augment, interpolation,
-                                               scale, ratio, hflip, vflip)
+    crop_and_flips, colour, _ = _timm_train_steps(input_size, None, auto_augment, interpolation,
+                                                  scale, ratio, hflip, vflip)
     worker = transforms.Compose([ToImageTensor(), RandomCropBox(crop_and_flips[0]),
                                  *crop_and_flips[1:]])
     return worker, DeviceAugment(crop_and_flips[0], colour[0])
@@ -294,8 +289,6 @@ def collate_crops(batch):
     """``--gpu-augment``'s collate: ((the crops zero-padded into one (B, 3, max h, max w) uint8
     tensor, their (B, 2) heights and widths), targets (B,)). One tensor: one shared-memory
     segment to the main process, one copy to the device, one batched resize there."""
-    from device_augment import pad_crops
-
     return pad_crops([image for image, _ in batch]), torch.tensor([target for _, target in batch])
 
 
