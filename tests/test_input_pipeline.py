@@ -364,7 +364,7 @@ def test_bench_prints_both_pipelines_and_their_ratio(tmp_path):
          '--input-size', '48', '--batch-size', '8', '--images', '16', '--rounds', '1',
          '--workers', '0'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert len(list((data / 'train').glob('*/*.jpg'))) == 65
+    assert len(list((data / 'train').glob('*/*.jpg'))) == 520
     rates = {name: float(value) for name, value in
              re.findall(r'(per-image|pipeline): +([\d.]+) images/s per worker', result.stdout)}
     ratio = float(re.search(r'ratio: ([\d.]+)x', result.stdout).group(1))
