@@ -10,6 +10,7 @@ argument formulas; the colour ops redo PIL's arithmetic (same pixels); the geome
 PIL's affine convention, bounds and fill, but resample with torch's bicubic (a = -0.75, PIL's
 transform: a = -1), so they match only approximately.
 """
+import functools
 import itertools
 import math
 from typing import NamedTuple, Optional, Sequence, Union
@@ -81,58 +82,107 @@ def _pil_nearest_indices(in_size: int, out_size: int) -> list:
     return [int(position) for position in positions]
 
 
-def _resize_one(crop: torch.Tensor, size, mode: InterpolationMode) -> torch.Tensor:
-    """(3, h, w) uint8 -> (3, size[0], size[1]) uint8: on the CPU exactly
-    ``input_pipeline.resized_crop`` (bicubic, bilinear), nearest as PIL everywhere."""
-    if mode == InterpolationMode.NEAREST:
-        rows = _to_device(torch.tensor(_pil_nearest_indices(crop.shape[1], size[0])), crop.device)
-        columns = _to_device(torch.tensor(_pil_nearest_indices(crop.shape[2], size[1])), crop.device)
-        return crop[:, rows][:, :, columns]
-    region = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    return F.interpolate(region, size=size, mode=mode.value, antialias=True)[0]
+def _resize_nearest(crop: torch.Tensor, size) -> torch.Tensor:
+    """(3, h, w) uint8 -> (3, size[0], size[1]) uint8: PIL's nearest resize, its pixels."""
+    rows = _to_device(torch.tensor(_pil_nearest_indices(crop.shape[1], size[0])), crop.device)
+    columns = _to_device(torch.tensor(_pil_nearest_indices(crop.shape[2], size[1])), crop.device)
+    return crop[:, rows][:, :, columns]
 
 
-# PIL's antialiased resampling filters (Resample.c): support at scale 1, and the kernel.
+# PIL's antialiased resampling filters (Resample.c): support at scale 1, and the kernel, written
+# with PIL's operations in PIL's order (the coefficients must round as PIL's do).
 def _bicubic_kernel(x, a=-0.5):
     x = x.abs()
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
 RESAMPLE_FILTERS = {InterpolationMode.BICUBIC: (2.0, _bicubic_kernel),
                     InterpolationMode.BILINEAR: (1.0, lambda x: (1 - x.abs()).clamp(min=0))}
+# PIL's 8-bit resampling works in fixed point: coefficients in units of 2^-22, each pass's sums
+# rounded half up and clipped to 0..255.
+PIL_PRECISION_BITS = 22
+# Crops resized together: bounds the float64 copies of the padded crops (32 x 3 x 500 x 500).
+RESIZE_CHUNK = 32
 
 
-def _resample_weights(in_sizes: torch.Tensor, in_max: int, out_size: int,
-                      mode: InterpolationMode) -> torch.Tensor:
-    """(B, out_size, in_max) float32: PIL's antialiased weights of each output pixel over the
-    input pixels of B lines of lengths ``in_sizes`` (B,) (zero beyond each length)."""
+def pil_coefficients(in_sizes: torch.Tensor, out_size: int, mode: InterpolationMode):
+    """PIL's coefficients for resizing B lines of lengths ``in_sizes`` (B,) to ``out_size``:
+    (first (B, S) int64, each output's first input pixel; coefficients (B, S, K) int64, in units
+    of 2^-22, of input pixels first .. first + K - 1).
+
+    Resample.c's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` operation for operation in
+    double precision on the CPU (the taps summed in order, the multiply by ``1 / filterscale``),
+    so that every coefficient is PIL's own.
+    """
     support, kernel = RESAMPLE_FILTERS[mode]
-    device = in_sizes.device
-    scale = (in_sizes.double() / out_size).view(-1, 1, 1)
+    lengths = in_sizes.cpu().double().view(-1, 1)
+    scale = lengths / out_size
     stretch = scale.clamp(min=1.0)  # downscaling widens the filter: the antialiasing
-    centre = (torch.arange(out_size, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
-    taps = torch.arange(in_max, device=device, dtype=torch.float64).view(1, 1, -1)
-    first = torch.floor(centre - support * stretch + 0.5).clamp(min=0)
-    last = torch.minimum(torch.floor(centre + support * stretch + 0.5), in_sizes.view(-1, 1, 1))
-    weights = kernel((taps - centre + 0.5) / stretch) * ((taps >= first) & (taps < last))
-    return (weights / weights.sum(-1, keepdim=True)).float()
+    reach = support * stretch
+    inverse = 1.0 / stretch
+    centre = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale  # (B, S)
+    # PIL truncates towards zero, then clips at 0: the same as the floor, then the clip.
+    first = torch.floor(centre - reach + 0.5).clamp(min=0)
+    count = torch.minimum(torch.floor(centre + reach + 0.5), lengths) - first
+    weights, total = [], torch.zeros_like(centre)
+    for tap in range(int(math.ceil(reach.max())) * 2 + 1):
+        weight = torch.where(tap < count, kernel(((first + tap) - centre + 0.5) * inverse), 0.0)
+        total = total + weight
+        weights.append(weight)
+    weights = torch.stack(weights, dim=-1)
+    total = total.unsqueeze(-1)
+    weights = torch.where(total != 0, weights / torch.where(total != 0, total, 1.0), weights)
+    scaled = weights * float(1 << PIL_PRECISION_BITS)
+    return first.long(), torch.trunc(torch.where(scaled < 0, scaled - 0.5, scaled + 0.5)).long()
 
 
-def _resize_batched(padded: torch.Tensor, sizes: torch.Tensor, size,
-                    mode: InterpolationMode) -> torch.Tensor:
-    """Every crop resized at once by two batched matrix products, horizontal then vertical,
-    each result rounded to 0..255 as PIL's passes are: (B, 3, S_h, S_w) uint8. Float weights
-    instead of fixed point: on noise 0.6% of the pixels differ from the CPU's uint8 kernels, by
-    at most 2 levels."""
-    sizes = _to_device(sizes, padded.device)
+@functools.lru_cache(maxsize=4096)
+def _line_coefficients(length: int, out_size: int, mode: InterpolationMode):
+    """``pil_coefficients`` of one line length: (first (S,) int64, coefficients (K, S) int32).
+    Computed once per length: a crop's width or height is one of a few thousand lengths, so
+    after the first batches the host does no arithmetic here."""
+    first, coefficients = pil_coefficients(torch.tensor([length]), out_size, mode)
+    return first[0], coefficients[0].t().to(torch.int32)  # |coefficient| < 2^23
+
+
+def _coefficient_matrix(in_sizes: torch.Tensor, in_max: int, out_size: int,
+                        mode: InterpolationMode, device: torch.device) -> torch.Tensor:
+    """(B, S, in_max) float64 on ``device``: PIL's coefficients of lines of lengths ``in_sizes``
+    (B,) at their input pixels, zero elsewhere."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    firsts, coefficients = zip(*(_line_coefficients(length, out_size, mode)
+                                 for length in in_sizes.tolist()))
+    first = _to_device(torch.stack(firsts), device).unsqueeze(-1)  # (B, S, 1)
+    # (B, S, K); lines with fewer taps are padded with zero coefficients.
+    coefficients = _to_device(pad_sequence(coefficients, batch_first=True), device).transpose(1, 2)
+    # Taps past a line's end carry zero coefficients: clipping their columns changes no sum.
+    taps = torch.arange(coefficients.shape[-1], device=device)
+    columns = (first + taps).clamp_(max=in_max - 1)
+    matrix = torch.zeros((len(firsts), out_size, in_max), dtype=torch.float64, device=device)
+    return matrix.scatter_add_(2, columns, coefficients.double())
+
+
+def _fixed_point(sums: torch.Tensor) -> torch.Tensor:
+    """PIL's end of a pass: ``(sum + 2^21) >> 22``, clipped to 0..255 (exact in float64)."""
+    half = float(1 << (PIL_PRECISION_BITS - 1))
+    return sums.add_(half).mul_(1.0 / (1 << PIL_PRECISION_BITS)).floor_().clamp_(0, 255)
+
+
+def _resize_exact(padded: torch.Tensor, sizes: torch.Tensor, size,
+                  mode: InterpolationMode) -> torch.Tensor:
+    """PIL's antialiased resize of every crop, horizontal pass then vertical, as two batched
+    matrix products of its integer coefficients: (B, 3, S_h, S_w) uint8, PIL's pixels.
+
+    The products are exact in float64: pixels (8 bits) times coefficients (under 2^24) summed
+    over a line stay integers far below 2^53, whatever the order of the sums."""
     height, width = padded.shape[-2:]
-    across = _resample_weights(sizes[:, 1], width, size[1], mode)  # (B, S_w, W)
-    down = _resample_weights(sizes[:, 0], height, size[0], mode)  # (B, S_h, H)
-    rows = torch.matmul(padded.float(), across.transpose(1, 2).unsqueeze(1))  # (B, 3, H, S_w)
-    rows = rows.round_().clamp_(0, 255)
-    return torch.matmul(down.unsqueeze(1), rows).round_().clamp_(0, 255).to(torch.uint8)
+    across = _coefficient_matrix(sizes[:, 1], width, size[1], mode, padded.device)  # (B, S_w, W)
+    down = _coefficient_matrix(sizes[:, 0], height, size[0], mode, padded.device)  # (B, S_h, H)
+    rows = _fixed_point(torch.matmul(padded.double(), across.transpose(1, 2).unsqueeze(1)))
+    return _fixed_point(torch.matmul(down.unsqueeze(1), rows)).to(torch.uint8)
 
 
 def pad_crops(crops: Sequence[torch.Tensor]):
@@ -146,16 +196,15 @@ def pad_crops(crops: Sequence[torch.Tensor]):
 
 
 def resize_crops(padded: torch.Tensor, sizes: torch.Tensor, size,
-                 interpolation: Union[str, InterpolationMode, Sequence] = 'bicubic',
-                 batched: Optional[bool] = None) -> torch.Tensor:
-    """Resize crops of different sizes to one size: (B, 3, S_h, S_w) uint8.
+                 interpolation: Union[str, InterpolationMode, Sequence] = 'bicubic') -> torch.Tensor:
+    """Resize crops of different sizes to one size, exactly as PIL resizes each crop:
+    (B, 3, S_h, S_w) uint8.
 
-    ``padded``, ``sizes``: the crops as ``pad_crops`` gives them; ``size``: S or (S_h, S_w);
-    ``interpolation``: 'bicubic', 'bilinear' or 'nearest' (or torchvision's InterpolationMode)
-    for all crops, or a sequence with one per crop (timm's 'random' draws one per image).
-    Bicubic and bilinear are antialiased. ``batched`` (default: off the CPU) resizes all crops
-    with ``_resize_batched``; otherwise one by one with the CPU's uint8 kernels, exactly
-    ``input_pipeline.resized_crop``. Nearest picks PIL's pixels, one crop at a time.
+    ``padded``, ``sizes``: the crops as ``pad_crops`` gives them (``sizes`` on the CPU);
+    ``size``: S or (S_h, S_w); ``interpolation``: 'bicubic', 'bilinear' or 'nearest' (or
+    torchvision's InterpolationMode) for all crops, or a sequence with one per crop (timm's
+    'random' draws one per image). Bicubic and bilinear (antialiased) run batched
+    (``_resize_exact``), in chunks of ``RESIZE_CHUNK`` crops; nearest one crop at a time.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
     if isinstance(interpolation, (str, InterpolationMode)):
@@ -164,16 +213,15 @@ def resize_crops(padded: torch.Tensor, sizes: torch.Tensor, size,
     unknown = set(modes) - {InterpolationMode.NEAREST, *RESAMPLE_FILTERS}
     if unknown:
         raise ValueError(f'no device resize for {sorted(mode.value for mode in unknown)}')
-    if batched is None:
-        batched = padded.device.type != 'cpu'
     out = padded.new_empty((len(padded), 3, *size))
     for index, (mode, (height, width)) in enumerate(zip(modes, sizes.tolist())):
-        if mode == InterpolationMode.NEAREST or not batched:
-            out[index] = _resize_one(padded[index, :, :height, :width], size=size, mode=mode)
-    for mode in set(modes) & set(RESAMPLE_FILTERS) if batched else ():
+        if mode == InterpolationMode.NEAREST:
+            out[index] = _resize_nearest(padded[index, :, :height, :width], size=size)
+    for mode in set(modes) & set(RESAMPLE_FILTERS):
         rows = torch.tensor([index for index, chosen in enumerate(modes) if chosen == mode])
-        on_device = _to_device(rows, padded.device)
-        out[on_device] = _resize_batched(padded[on_device], sizes[rows], size, mode)
+        for chunk in rows.split(RESIZE_CHUNK):
+            on_device = _to_device(chunk, padded.device)
+            out[on_device] = _resize_exact(padded[on_device], sizes[chunk], size, mode)
     return out
 
 

@@ -1,12 +1,14 @@
 """The training and evaluation input pipeline: uint8 images from the workers, the rest on the device.
 
-A loader worker does only the per-image work: decode (``datasets.decode_image`` with
+A training loader worker does only the per-image work: decode (``datasets.decode_image`` with
 ``as_tensor``), the random resized crop, the flips and the colour augmentation (RandAugment or
-colour jitter, timm's PIL implementations), and hands over a (3, H, W) uint8 tensor. timm's
+colour jitter, timm's PIL implementations), and hands over a (3, H, W) uint8 tensor;
 ``collate_images`` stacks them without a float copy, and ``DeviceLoader`` moves each batch to the
-device, where normalisation and random erasing run batched. The per-image timm transform (``build_transform``, normalised float32 images per
-worker) is the reference: with the same random draws both give the same pixels, up to the
-resize (see ``resized_crop``).
+device, where normalisation and random erasing run batched. The per-image timm transform
+(``build_transform``, normalised float32 images per worker) is the reference: with the same
+random draws the training images are its pixels up to the resize of the crop (torch's kernel,
+within 2 levels, see ``resized_crop``), and the evaluation images (PIL's resize) and those of
+``--gpu-augment`` (PIL's resize on the device, ``device_augment.resize_crops``) are its pixels.
 
 ``python datasets.py bench`` (``pipeline_bench.py``) measures this pipeline against the reference.
 """
@@ -65,6 +67,16 @@ def _small_input_steps(is_train, input_size):
     return [ResizeIfSmaller(input_size), crop]
 
 
+def _eval_steps(input_size):
+    """DeiT's evaluation geometry (PIL): the shorter side resized to ``input_size / 0.875``
+    (bicubic), then the centre crop; for inputs of at most 32 pixels ``_small_input_steps``."""
+    if input_size <= SMALL_INPUT_MAX:
+        return _small_input_steps(False, input_size)
+    return [transforms.Resize(int(input_size / EVAL_CROP_FRACTION),
+                              interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(input_size)]
+
+
 def _timm_train_steps(input_size, color_jitter, auto_augment, interpolation, scale, ratio,
                       hflip, vflip, re_prob=0.0, re_mode='pixel', re_count=1, use_prefetcher=True):
     """timm's training transform in its three parts, as lists: (crop and flips, colour
@@ -104,14 +116,8 @@ def build_transform(is_train, input_size, color_jitter=0.4, auto_augment='rand-m
             input_size, color_jitter, auto_augment, interpolation, scale, ratio, hflip, vflip,
             re_prob=re_prob, re_mode=re_mode, re_count=re_count, use_prefetcher=False)
         return transforms.Compose(crop_and_flips + colour + final)
-    if input_size <= SMALL_INPUT_MAX:
-        steps = _small_input_steps(False, input_size)
-    else:
-        steps = [transforms.Resize(int(input_size / EVAL_CROP_FRACTION),
-                                   interpolation=InterpolationMode.BICUBIC),
-                 transforms.CenterCrop(input_size)]
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return transforms.Compose(_eval_steps(input_size) + [
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
 def to_image_tensor(image) -> torch.Tensor:
@@ -191,25 +197,6 @@ class RandomCropBox:
         return f'{self.__class__.__name__}(scale={self.crop.scale}, ratio={self.crop.ratio})'
 
 
-class ResizeShorterSide:
-    """torchvision's ``Resize(size)`` (shorter side to ``size``) on (3, H, W) uint8 tensors."""
-
-    def __init__(self, size: int, interpolation=InterpolationMode.BICUBIC):
-        self.size = size
-        self.interpolation = interpolation
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        short, long = sorted((height, width))
-        # torchvision's rounding of the longer side, so that the center crop lands on the same pixels.
-        new_long = int(self.size * long / short)
-        size = (self.size, new_long) if height <= width else (new_long, self.size)
-        return resized_crop(image, 0, 0, height, width, size, self.interpolation)
-
-    def __repr__(self):
-        return f'{self.__class__.__name__}(size={self.size}, interpolation={self.interpolation.value})'
-
-
 class ToImageTensor:
     """Transform step: any image -> (3, H, W) uint8 tensor (``to_image_tensor``)."""
 
@@ -240,12 +227,9 @@ def build_worker_transform(is_train, input_size, color_jitter=0.4,
     Small inputs (``input_size <= 32``) keep the reference's PIL steps: their images are tiny.
     """
     if not is_train:
-        if input_size <= SMALL_INPUT_MAX:
-            return transforms.Compose([ToPILImage(), *_small_input_steps(False, input_size),
-                                       ToImageTensor()])
-        return transforms.Compose([ToImageTensor(),
-                                   ResizeShorterSide(int(input_size / EVAL_CROP_FRACTION)),
-                                   transforms.CenterCrop(input_size)])
+        # PIL's resize, as the reference: evaluation gives the per-image transform's pixels (the
+        # accuracy a paper reports), at a cost that matters little outside training.
+        return transforms.Compose([ToPILImage(), *_eval_steps(input_size), ToImageTensor()])
     crop_and_flips, colour, _ = _timm_train_steps(input_size, color_jitter, auto_augment,
                                                   interpolation, scale, ratio, hflip, vflip)
     if input_size <= SMALL_INPUT_MAX:  # the reference's PIL steps: the images are tiny
@@ -258,14 +242,15 @@ def build_worker_transform(is_train, input_size, color_jitter=0.4,
 
 
 class DeviceAugment:
-    """``--gpu-augment``'s device half: the crops of a batch resized to ``size`` (each with timm's
-    filter, drawn per sample when timm draws one) and timm's RandAugment, batched but drawn per
-    sample (``device_augment.py``); the crops of ``collate_crops`` -> (B, 3, S, S) uint8."""
+    """``--gpu-augment``'s device half: the crops of a batch resized to ``size`` as PIL resizes
+    them (each with timm's filter, drawn per sample when timm draws one) and timm's RandAugment
+    (none if ``rand_augment`` is None), batched but drawn per sample (``device_augment.py``); the
+    crops of ``collate_crops`` -> (B, 3, S, S) uint8."""
 
-    def __init__(self, crop, rand_augment):
+    def __init__(self, crop, rand_augment=None):
         self.size = crop.size
         self.filters = crop.interpolation
-        self.rand_augment = DeviceRandAugment.from_timm(rand_augment)
+        self.rand_augment = None if rand_augment is None else DeviceRandAugment.from_timm(rand_augment)
 
     def __call__(self, padded_crops):
         """``(padded, sizes)`` of ``collate_crops``, ``padded`` on the device -> (B, 3, S, S) uint8."""
@@ -273,18 +258,20 @@ class DeviceAugment:
         filters = self.filters
         if isinstance(filters, (tuple, list)):
             filters = [random.choice(filters) for _ in range(len(padded))]
-        return self.rand_augment(resize_crops(padded, sizes, self.size, interpolation=filters))
+        resized = resize_crops(padded, sizes, self.size, interpolation=filters)
+        return resized if self.rand_augment is None else self.rand_augment(resized)
 
 
 def build_gpu_augment(input_size, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0):
     """``--gpu-augment``: (worker transform: image -> its (3, h, w) uint8 crop, flipped,
-    ``DeviceAugment``). Needs an input above 32 pixels and a RandAugment ('rand-...') policy."""
+    ``DeviceAugment``). Needs an input above 32 pixels and a RandAugment ('rand-...') policy, or
+    ``auto_augment='none'`` (the device then only resizes)."""
     crop_and_flips, colour, _ = _timm_train_steps(input_size, None, auto_augment, interpolation,
                                                   scale, ratio, hflip, vflip)
     worker = transforms.Compose([ToImageTensor(), RandomCropBox(crop_and_flips[0]),
                                  *crop_and_flips[1:]])
-    return worker, DeviceAugment(crop_and_flips[0], colour[0])
+    return worker, DeviceAugment(crop_and_flips[0], colour[0] if colour else None)
 
 
 def collate_images(batch):

@@ -1,5 +1,5 @@
 """Tests for device_augment.py: each op against timm's PIL op, the draws and the output
-distribution against timm's RandAugment, resize_crops against input_pipeline.resized_crop.
+distribution against timm's RandAugment, resize_crops against PIL's resize.
 
 All on the CPU with small non-square images (40 x 48: a mix-up of height and width shows).
 """
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -21,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN  # noqa: E402
 from timm.data.transforms import str_to_pil_interp  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
+import device_augment  # noqa: E402
 import input_pipeline  # noqa: E402
 from device_augment import (LEVEL_TO_ARG, AugmentDraws, DeviceRandAugment, pad_crops,  # noqa: E402
                             resize_crops)
@@ -233,27 +235,44 @@ def test_parses_config_as_timm():
         DeviceRandAugment('rand-m9-t3a')
 
 
-@pytest.mark.parametrize('interpolation', [InterpolationMode.BICUBIC, InterpolationMode.BILINEAR,
-                                           InterpolationMode.NEAREST])
-def test_resize_crops_is_resized_crop(interpolation):
-    """Each crop resized exactly as input_pipeline.resized_crop does it for one image (nearest:
-    PIL's resize there, ties included)."""
+PIL_RESAMPLE = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILINEAR: Image.BILINEAR,
+                InterpolationMode.NEAREST: Image.NEAREST}
+
+
+@pytest.mark.parametrize('interpolation', list(PIL_RESAMPLE))
+def test_resize_crops_is_pils_resize(interpolation):
+    """Each crop resized exactly as PIL resizes it alone: downscales, upscales, one-pixel crops,
+    sizes that are not square, one filter for all crops or one per crop."""
     image = make_images(1, seed=5)[0]
-    boxes = [(0, 0, 40, 48), (3, 5, 17, 30), (10, 2, 25, 9), (7, 20, 3, 4), (0, 0, 30, 48)]
+    boxes = [(0, 0, 40, 48), (3, 5, 17, 30), (10, 2, 25, 9), (7, 20, 3, 4), (0, 0, 30, 48),
+             (12, 12, 1, 1), (5, 0, 1, 48)]
     crops = [image[:, top:top + h, left:left + w] for top, left, h, w in boxes]
-    for size in ((24, 24), (20, 37)):
-        expected = torch.stack([
-            input_pipeline.resized_crop(image, top, left, h, w, size, interpolation)
-            for top, left, h, w in boxes])
+    for size in ((24, 24), (20, 37), (64, 5)):
+        expected = torch.stack([torch.from_numpy(np.array(
+            Image.fromarray(crop.permute(1, 2, 0).numpy()).resize(size[::-1], PIL_RESAMPLE[interpolation])
+        )).permute(2, 0, 1) for crop in crops])
         padded, sizes = pad_crops(crops)
         assert torch.equal(resize_crops(padded, sizes, size, interpolation=interpolation), expected)
         per_crop = [interpolation.value] * len(crops)
         assert torch.equal(resize_crops(padded, sizes, size, interpolation=per_crop), expected)
-        # The batched matrix products (the GPU's path): within one level of the uint8 kernels.
-        batched = resize_crops(padded, sizes, size, interpolation=interpolation, batched=True)
-        assert (batched.int() - expected.int()).abs().max() <= 1
     with pytest.raises(ValueError):
         resize_crops(*pad_crops(crops), 24, interpolation='lanczos')
+
+
+def test_pil_coefficients_are_pils_fixed_point_weights():
+    """Rows of PIL's coefficients sum to 2^22 (up to PIL's per-tap rounding), start where the
+    filter's support starts, and an unscaled line is the identity."""
+    lengths = torch.tensor([5, 48, 225, 500])
+    first, coefficients = device_augment.pil_coefficients(lengths, 224, InterpolationMode.BICUBIC)
+    assert first.shape == (4, 224) and coefficients.shape[:2] == (4, 224)
+    sums = coefficients.sum(-1)
+    taps = coefficients.shape[-1]
+    assert (sums - 2 ** 22).abs().max() <= taps // 2 + 1
+    identity_first, identity = device_augment.pil_coefficients(torch.tensor([30]), 30,
+                                                               InterpolationMode.BICUBIC)
+    centre = (identity == 2 ** 22).nonzero()[:, 1:]
+    assert torch.equal(identity_first[0] + centre[:, 1], torch.arange(30))
+    assert (identity != 0).sum() == 30
 
 
 def test_shapes_dtype_device_and_no_in_place():

@@ -155,15 +155,36 @@ def test_resized_crop_matches_pil(mode, pil_filter):
 # Exactness where the operations are deterministic
 # ---------------------------------------------------------------------------
 
-def test_eval_path_is_exact_when_the_resize_is_the_identity():
-    # int(56 / 0.875) = 64: the shorter side already has the resize's size; 81 - 56 is odd.
-    image = Image.fromarray(photo_like(np.random.default_rng(3), 81, 64))
-    worker = input_pipeline.build_worker_transform(False, 56)(as_tensor(image))
-    assert worker.dtype == torch.uint8 and worker.shape == (3, 56, 56)
-    got = new_pipeline([as_tensor(image)], input_pipeline.build_worker_transform(False, 56), seed=0)
-    expected = input_pipeline.build_transform(False, 56)(image)
+@pytest.mark.parametrize('width, height, size', [(81, 64, 56), (120, 90, 56), (70, 150, 48),
+                                                 (40, 30, 64)])
+def test_eval_path_is_exact(width, height, size):
+    # Downscales, an upscale (40x30 -> 73 pixels) and the identity (int(56 / 0.875) = 64).
+    image = Image.fromarray(photo_like(np.random.default_rng(3), width, height))
+    transform = input_pipeline.build_worker_transform(False, size)
+    worker = transform(as_tensor(image))
+    assert worker.dtype == torch.uint8 and worker.shape == (3, size, size)
+    got = new_pipeline([as_tensor(image)], transform, seed=0)
+    expected = input_pipeline.build_transform(False, size)(image)
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(got[0], (worker / 255 - MEAN) / STD, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
+def test_gpu_augment_train_path_without_colour_is_exact(sources, interpolation):
+    """--gpu-augment without RandAugment and erasing: random crops resized on the device (here the
+    CPU), flips drawn in the workers: the reference's normalised pixels, crop for crop."""
+    flags = dict(interpolation=interpolation, auto_augment='none')
+    images = sources * 4
+    worker, device_augment = input_pipeline.build_gpu_augment(48, **flags)
+    assert device_augment.rand_augment is None
+    got = new_pipeline([as_tensor(image) for image in images], worker, seed=6,
+                       device_augment=device_augment)
+    expected = reference(images, input_pipeline.build_transform(
+        True, 48, re_prob=0.0, color_jitter=None, **flags), seed=6)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    other = reference(images, input_pipeline.build_transform(
+        True, 48, re_prob=0.0, color_jitter=None, **flags), seed=7)
+    assert (to_levels(got) - to_levels(other)).abs().mean() > 10
 
 
 def test_train_path_without_resampling_is_exact_and_flips_like_the_reference():
