@@ -1,7 +1,8 @@
 """RandAugment and the crop resize on the device, batched, with timm's per-image draws.
 
 For ``--gpu-augment`` a loader worker only decodes and crops; ``resize_crops`` resizes a batch's
-crops (``pad_crops``) and ``DeviceRandAugment`` applies timm's RandAugment to the whole batch.
+crops (``pad_crops``) exactly as PIL resizes each one, and ``DeviceRandAugment`` applies timm's
+RandAugment to the whole batch.
 
 Random draws: torch on the CPU, from the ``generator`` given to ``draw`` / ``__call__``, else
 torch's global CPU RNG. Same distributions as timm's per-image draws, not its random streams.
