@@ -7,8 +7,9 @@ colour jitter, timm's PIL implementations), and hands over a (3, H, W) uint8 ten
 device, where normalisation and random erasing run batched. The per-image timm transform
 (``build_transform``, normalised float32 images per worker) is the reference: with the same
 random draws the training images are its pixels up to the resize of the crop (torch's kernel,
-within 2 levels, see ``resized_crop``), and the evaluation images (PIL's resize) and those of
-``--gpu-augment`` (PIL's resize on the device, ``device_augment.resize_crops``) are its pixels.
+within 2 levels, see ``resized_crop``); the evaluation images (PIL's resize) are its pixels, and
+so are those of ``--gpu-augment`` without RandAugment and random erasing (PIL's resize on the
+device, ``device_augment.resize_crops``).
 
 ``python datasets.py bench`` (``pipeline_bench.py``) measures this pipeline against the reference.
 """
@@ -147,8 +148,8 @@ def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: i
 
     For bicubic and bilinear, torch's antialiased uint8 resampling is Pillow-SIMD's algorithm
     (PIL's filters, bicubic with a = -0.5, in 16-bit instead of PIL's 22-bit fixed point): a
-    pixel differs from PIL's by at most 2 of 255 levels, at about a third of PIL's time. Other
-    filters are PIL's own.
+    pixel differs from PIL's by at most 2 of 255 levels, in a quarter to a third of PIL's time.
+    Other filters are PIL's own.
     """
     region = image[:, top:top + height, left:left + width]
     if interpolation not in TORCH_FILTERS:
@@ -250,7 +251,8 @@ class DeviceAugment:
     def __init__(self, crop, rand_augment=None):
         self.size = crop.size
         self.filters = crop.interpolation
-        self.rand_augment = None if rand_augment is None else DeviceRandAugment.from_timm(rand_augment)
+        self.rand_augment = (None if rand_augment is None
+                             else DeviceRandAugment.from_timm(rand_augment))
 
     def __call__(self, padded_crops):
         """``(padded, sizes)`` of ``collate_crops``, ``padded`` on the device -> (B, 3, S, S) uint8."""
@@ -281,8 +283,11 @@ def collate_images(batch):
     into a channels-last batch; timm's ``fast_collate`` adds them one by one into a contiguous
     batch, eight times slower at 224 pixels. ``DeviceLoader`` makes the batch contiguous when it
     converts it to float on the device."""
-    pixels, targets = torch.utils.data.default_collate(
-        [(image.permute(1, 2, 0), target) for image, target in batch])
+    images, targets = zip(*batch)
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    if not images[0].permute(1, 2, 0).is_contiguous():  # (3, H, W) images laid out as such
+        return torch.utils.data.default_collate(images), targets
+    pixels = torch.utils.data.default_collate([image.permute(1, 2, 0) for image in images])
     return pixels.permute(0, 3, 1, 2), targets
 
 

@@ -59,12 +59,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--sample-photos', action='store_true',
                         help="first write scikit-image's sample photographs, JPEG at 500x375, as "
                              'an ImageFolder tree in --data-path')
+    parser.add_argument('--sample-copies', type=int, default=SAMPLE_COPIES,
+                        help='copies of each photograph --sample-photos writes (13 photographs)')
     return parser
 
 
-def write_sample_photos(root: str) -> int:
+def write_sample_photos(root: str, copies: int = SAMPLE_COPIES) -> int:
     """Writes ``root/{train,val}/<class>/<name>_<copy>.jpg``: scikit-image's photographs resized
-    to ``SAMPLE_SIZE`` (bicubic) and saved as JPEG (quality 90); returns the training images."""
+    to ``SAMPLE_SIZE`` (bicubic) and saved as JPEG (quality 90), ``copies`` of each for training
+    and one for validation; returns the number of training images."""
     import os
 
     import numpy as np
@@ -77,12 +80,12 @@ def write_sample_photos(root: str) -> int:
         if pixels.ndim == 2:
             pixels = np.stack([pixels] * 3, axis=-1)
         photo = Image.fromarray(pixels[..., :3]).resize(SAMPLE_SIZE, Image.BICUBIC)
-        for split, copies in (('train', SAMPLE_COPIES), ('val', 1)):
+        for split, count_in_split in (('train', copies), ('val', 1)):
             class_dir = os.path.join(root, split, f'class{index % 2}')
             os.makedirs(class_dir, exist_ok=True)
-            for copy in range(copies):
+            for copy in range(count_in_split):
                 photo.save(os.path.join(class_dir, f'{name}_{copy}.jpg'), quality=90)
-        count += SAMPLE_COPIES
+        count += copies
     return count
 
 
@@ -183,10 +186,14 @@ def main(argv=None) -> int:
     from datasets import DatasetError
     from main import UsageError
 
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.sample_copies < 1:
+        parser.error(f'--sample-copies must be at least 1, got {args.sample_copies}')
     try:
         if args.sample_photos:
-            print(f'{write_sample_photos(args.data_path)} training photographs written to {args.data_path}')
+            written = write_sample_photos(args.data_path, args.sample_copies)
+            print(f'{written} training photographs written to {args.data_path}')
         result = run(args)
     except (DatasetError, UsageError, OSError) as err:
         print(f'datasets.py bench: error: {err}', file=sys.stderr)

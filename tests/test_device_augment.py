@@ -239,6 +239,12 @@ PIL_RESAMPLE = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILI
                 InterpolationMode.NEAREST: Image.NEAREST}
 
 
+def pil_resize(crop, size, pil_filter):
+    """(3, h, w) uint8 -> (3, size[0], size[1]) uint8, resized by PIL."""
+    image = Image.fromarray(crop.permute(1, 2, 0).numpy()).resize(size[::-1], pil_filter)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 @pytest.mark.parametrize('interpolation', list(PIL_RESAMPLE))
 def test_resize_crops_is_pils_resize(interpolation):
     """Each crop resized exactly as PIL resizes it alone: downscales, upscales, one-pixel crops,
@@ -248,15 +254,35 @@ def test_resize_crops_is_pils_resize(interpolation):
              (12, 12, 1, 1), (5, 0, 1, 48)]
     crops = [image[:, top:top + h, left:left + w] for top, left, h, w in boxes]
     for size in ((24, 24), (20, 37), (64, 5)):
-        expected = torch.stack([torch.from_numpy(np.array(
-            Image.fromarray(crop.permute(1, 2, 0).numpy()).resize(size[::-1], PIL_RESAMPLE[interpolation])
-        )).permute(2, 0, 1) for crop in crops])
+        expected = torch.stack([pil_resize(crop, size, PIL_RESAMPLE[interpolation])
+                                for crop in crops])
         padded, sizes = pad_crops(crops)
         assert torch.equal(resize_crops(padded, sizes, size, interpolation=interpolation), expected)
         per_crop = [interpolation.value] * len(crops)
         assert torch.equal(resize_crops(padded, sizes, size, interpolation=per_crop), expected)
     with pytest.raises(ValueError):
         resize_crops(*pad_crops(crops), 24, interpolation='lanczos')
+
+
+def test_resize_crops_over_several_chunks_with_mixed_filters(monkeypatch):
+    """More crops than a chunk (chunks of 4 here), from one pixel to the whole image, each with
+    its own filter: every crop is PIL's resize of it, whatever chunk it was sorted into."""
+    monkeypatch.setattr(device_augment, 'RESIZE_CHUNK', 4)
+    rng = random.Random(3)
+    image = make_images(1, seed=6)[0]
+    filters = list(PIL_RESAMPLE)
+    crops, modes = [], []
+    for index in range(11):
+        height, width = rng.randint(1, HEIGHT), rng.randint(1, WIDTH)
+        top, left = rng.randint(0, HEIGHT - height), rng.randint(0, WIDTH - width)
+        crops.append(image[:, top:top + height, left:left + width])
+        modes.append(filters[index % len(filters)])
+    crops.append(image)
+    modes.append(InterpolationMode.BICUBIC)
+    got = resize_crops(*pad_crops(crops), (20, 26), interpolation=modes)
+    expected = torch.stack([pil_resize(crop, (20, 26), PIL_RESAMPLE[mode])
+                            for crop, mode in zip(crops, modes)])
+    assert torch.equal(got, expected)
 
 
 def test_pil_coefficients_are_pils_fixed_point_weights():

@@ -328,6 +328,21 @@ def test_crop_boxes_follow_timms_distribution(sources):
 # Loader and datasets
 # ---------------------------------------------------------------------------
 
+def test_collate_images_stacks_either_layout_into_the_same_batch():
+    """Channels-last views (the workers' images) and contiguous (3, H, W) images give the same
+    (B, 3, H, W) uint8 values; targets (here numpy int32) come out int64."""
+    rng = np.random.default_rng(31)
+    views = [torch.from_numpy(photo_like(rng, 20, 16)).permute(2, 0, 1) for _ in range(3)]
+    contiguous = [view.contiguous() for view in views]
+    targets = [np.int32(1), np.int32(0), np.int32(2)]
+    for images in (views, contiguous):
+        batch, labels = input_pipeline.collate_images(list(zip(images, targets)))
+        assert batch.dtype == torch.uint8 and torch.equal(batch, torch.stack(contiguous))
+        assert labels.dtype == torch.int64 and labels.tolist() == [1, 0, 2]
+    channels_last, _ = input_pipeline.collate_images(list(zip(views, targets)))
+    assert channels_last.permute(0, 2, 3, 1).is_contiguous()
+
+
 def test_build_loader_end_to_end(tmp_path):
     rng = np.random.default_rng(30)
     for number in range(10):
@@ -350,6 +365,7 @@ def test_build_loader_end_to_end(tmp_path):
     low, high = (-MEAN / STD).min().item(), ((1 - MEAN) / STD).max().item()
     for (images, targets), (images_1, targets_1) in zip(*runs):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 36, 36)
+        assert images.is_contiguous()  # collated channels-last, made contiguous on the device
         assert targets.dtype == torch.int64 and targets.shape == images.shape[:1]
         assert low - 1e-5 <= images.min() and images.max() <= high + 1e-5
         assert torch.equal(images, images_1) and torch.equal(targets, targets_1)
@@ -382,12 +398,32 @@ def test_bench_prints_both_pipelines_and_their_ratio(tmp_path):
     data = tmp_path / 'photos'
     result = subprocess.run(
         [sys.executable, 'datasets.py', 'bench', '--data-path', str(data), '--sample-photos',
-         '--input-size', '48', '--batch-size', '8', '--images', '16', '--rounds', '1',
-         '--workers', '0'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+         '--sample-copies', '2', '--input-size', '48', '--batch-size', '8', '--images', '16',
+         '--rounds', '1', '--workers', '0'], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=300)
     assert result.returncode == 0, result.stderr
-    assert len(list((data / 'train').glob('*/*.jpg'))) == 520
+    assert len(list((data / 'train').glob('*/*.jpg'))) == 26
+    assert len(list((data / 'val').glob('*/*.jpg'))) == 13
     rates = {name: float(value) for name, value in
              re.findall(r'(per-image|pipeline): +([\d.]+) images/s per worker', result.stdout)}
     ratio = float(re.search(r'ratio: ([\d.]+)x', result.stdout).group(1))
     assert set(rates) == {'per-image', 'pipeline'} and min(rates.values()) > 0
     assert ratio == pytest.approx(rates['pipeline'] / rates['per-image'], rel=0.02)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--sample-copies', '0'], '--sample-copies must be at least 1, got 0'),
+    (['--main-flags=--aa none --gpu-augment'], '--gpu-augment runs RandAugment on the device'),
+])
+def test_bench_errors_are_one_line(tmp_path, flags, message):
+    """Bad bench flags: exit status 2 and one line naming the flag, before any photo is written."""
+    import subprocess
+    import sys
+
+    from dataset_helpers import REPO_ROOT
+    result = subprocess.run(
+        [sys.executable, 'datasets.py', 'bench', '--data-path', str(tmp_path / 'photos'), *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
