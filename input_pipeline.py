@@ -283,19 +283,24 @@ def collate_images(batch):
     into a channels-last batch; timm's ``fast_collate`` adds them one by one into a contiguous
     batch, eight times slower at 224 pixels. ``DeviceLoader`` makes the batch contiguous when it
     converts it to float on the device."""
-    images, targets = zip(*batch)
-    targets = torch.as_tensor(targets, dtype=torch.int64)
+    images = [image for image, _ in batch]
     if not images[0].permute(1, 2, 0).is_contiguous():  # (3, H, W) images laid out as such
-        return torch.utils.data.default_collate(images), targets
+        return torch.utils.data.default_collate(images), _collate_targets(batch)
     pixels = torch.utils.data.default_collate([image.permute(1, 2, 0) for image in images])
-    return pixels.permute(0, 3, 1, 2), targets
+    return pixels.permute(0, 3, 1, 2), _collate_targets(batch)
+
+
+def _collate_targets(batch) -> torch.Tensor:
+    """The targets of ``(image, target)`` pairs: (B,) int64, whatever integer type they have
+    (the losses and Mixup index with them)."""
+    return torch.as_tensor([target for _, target in batch], dtype=torch.int64)
 
 
 def collate_crops(batch):
     """``--gpu-augment``'s collate: ((the crops zero-padded into one (B, 3, max h, max w) uint8
-    tensor, their (B, 2) heights and widths), targets (B,)). One tensor: one shared-memory
+    tensor, their (B, 2) heights and widths), targets (B,) int64). One tensor: one shared-memory
     segment to the main process, one copy to the device, one batched resize there."""
-    return pad_crops([image for image, _ in batch]), torch.tensor([target for _, target in batch])
+    return pad_crops([image for image, _ in batch]), _collate_targets(batch)
 
 
 class DeviceLoader:

@@ -341,6 +341,8 @@ def test_collate_images_stacks_either_layout_into_the_same_batch():
         assert labels.dtype == torch.int64 and labels.tolist() == [1, 0, 2]
     channels_last, _ = input_pipeline.collate_images(list(zip(views, targets)))
     assert channels_last.permute(0, 2, 3, 1).is_contiguous()
+    _, crop_labels = input_pipeline.collate_crops(list(zip(views, targets)))  # --gpu-augment's
+    assert crop_labels.dtype == torch.int64 and crop_labels.tolist() == [1, 0, 2]
 
 
 def test_build_loader_end_to_end(tmp_path):
