@@ -40,9 +40,50 @@ def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tenso
         (B, gh/2 * gw/2, C).
     """
     batch, _, dim = patches.shape
-    # A channels-last view: avg_pool2d reads it in place, no layout copy either way.
-    patch_map = patches.reshape(batch, grid[0], grid[1], dim).permute(0, 3, 1, 2)
-    return F.avg_pool2d(patch_map, POOL).permute(0, 2, 3, 1).reshape(batch, -1, dim)
+    # A mean over the cells of a view: one reduction, whose backward is a broadcast (on an H100
+    # 0.27 ms less per batch of 256 than avg_pool2d forward, 1 ms less per training step).
+    cells = patches.reshape(batch, grid[0] // POOL, POOL, grid[1] // POOL, POOL, dim)
+    return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
+
+
+def bilinear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) float64 weights of a 1-d bilinear resize with ``align_corners=True``:
+    ``matrix_h @ image @ matrix_w.T`` is ``F.interpolate(image, mode='bilinear',
+    align_corners=True)`` (exactly in float64; float32 kernels round the source positions)."""
+    scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.
+    source = torch.arange(size_out, dtype=torch.float64) * scale
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    rows = torch.arange(size_out)
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    matrix.index_put_((rows, low), 1 - (source - low), accumulate=True)
+    return matrix.index_put_((rows, high), source - low, accumulate=True)
+
+
+def embed_patches_as_matmul(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
+    """A patch embedding (conv with kernel = stride = patch, no padding) as one matrix product
+    of the image's patches with the flattened kernel: on CUDA, cuDNN runs this convolution in
+    half precision as a slow implicit GEMM (1.25 ms of 14 for MTViT-S at batch 256 on an H100).
+
+    Args:
+        x: (B, C_in, H, W), H and W multiples of the patch.
+        proj: the embedding's nn.Conv2d (C, C_in, p, p) with bias.
+    Returns:
+        (B, H/p * W/p, C), patches row-major, as ``PatchEmbed`` gives them.
+    """
+    batch, chans, height, width = x.shape
+    patch = proj.kernel_size[0]
+    patches = (x.reshape(batch, chans, height // patch, patch, width // patch, patch)
+               .permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, chans * patch * patch))
+    return F.linear(patches, proj.weight.flatten(1), proj.bias)
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype where autocast is on (what its matrix products would cast it
+    to anyway, done once for several), else unchanged."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -334,8 +375,10 @@ def check_config(*, img_size: Tuple[int, int], patch_size: int, depth: int,
 class MTViT(nn.Module):
     """DeiT with token mergence at ``drop_loc`` and an optional multi-scale front end.
 
-    ``dense_depthwise`` picks how the fusion's depthwise convolutions are computed (same
-    function): None by device (matrix products on CUDA), True or False to force one.
+    ``dense_depthwise`` picks how the fusion's depthwise convolutions are computed and
+    ``matmul_embed`` how the patch embeddings and the half-resolution resize are (same function
+    either way): None by device (matrix products on CUDA, except in traced models, whose FLOP
+    counts and exports keep the convolutions), True or False to force one.
     """
 
     def __init__(
@@ -356,6 +399,7 @@ class MTViT(nn.Module):
             drop_loc: Sequence[int] = (3, 6, 9),
             multi_scale: bool = False,
             dense_depthwise: Optional[bool] = None,
+            matmul_embed: Optional[bool] = None,
     ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -365,6 +409,7 @@ class MTViT(nn.Module):
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.multi_scale = multi_scale
+        self.matmul_embed = matmul_embed
         self.drop_loc = tuple(drop_loc)
         self.keep_rates = [base_keep_rate if i in self.drop_loc else 1. for i in range(depth)]
 
@@ -379,6 +424,10 @@ class MTViT(nn.Module):
                 nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim)),
             ])
             self.up = ScaleFusion(embed_dim, self.grid, dense_depthwise=dense_depthwise)
+            # The half-resolution copy's resize as two matrix products (constants of the size).
+            for name, side in (('resize_rows', self.img_size[0]), ('resize_cols', self.img_size[1])):
+                self.register_buffer(name, bilinear_resize_matrix(side, side // POOL),
+                                     persistent=False)
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -437,16 +486,28 @@ class MTViT(nn.Module):
         return counts + keep_counts(self.keep_rates[first:], self.grid[0] * self.grid[1],
                                     keep_rates[first:])
 
+    def _use_matmul(self, x: torch.Tensor) -> bool:
+        if self.matmul_embed is not None:
+            return self.matmul_embed
+        return x.is_cuda and not torch.jit.is_tracing()
+
     def _embed(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + N, C): patch tokens behind the class token, plus positions."""
-        x = self.patch_embed(x)
+        if self._use_matmul(x):
+            x = embed_patches_as_matmul(to_autocast_dtype(x), self.patch_embed.proj)
+        else:
+            x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos_embed)
 
     def _multi_scale_front(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the first blocks on both scales and fuses them. (B, 3, H, W) -> (B, 1 + N, C)."""
-        low_res = F.interpolate(x, size=(x.shape[2] // POOL, x.shape[3] // POOL),
-                                mode='bilinear', align_corners=True)
+        if self._use_matmul(x):
+            x = to_autocast_dtype(x)  # once, for both embeddings and the resize
+            low_res = self.resize_rows.to(x.dtype) @ x @ self.resize_cols.to(x.dtype).t()
+        else:
+            low_res = F.interpolate(x, size=(x.shape[2] // POOL, x.shape[3] // POOL),
+                                    mode='bilinear', align_corners=True)
         x_low = self._embed(low_res, self.pos_embed_list[0])
         x_high = self._embed(x, self.pos_embed_list[1])
         for index, block in enumerate(self.blocks[:MULTI_SCALE_BLOCKS]):

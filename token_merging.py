@@ -111,7 +111,7 @@ def merge_tokens(
         x: (B, P + K, C); kept_index: (B, K) positions among the input patch tokens of the kept
         ones, in output order; assignment: (B, N) output patch position of each input patch.
     """
-    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    patches = x[:, num_prefix_tokens:]
     batch, _, dim = patches.shape
     order = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
     kept_index, pruned_index = order[:, :num_keep], order[:, num_keep:]
@@ -127,15 +127,18 @@ def merge_tokens(
         assignment = torch.empty_like(order).scatter_(1, order,
                                                       torch.cat([kept_position, target], 1))
 
-    # One scatter of every patch token, in input order, into the token it goes to (a kept token
-    # goes to itself): no gathered copies of the kept and pruned tokens on the gradient path.
-    weighted = patches * cls_attention.unsqueeze(-1)
-    weighted_sum = weighted.new_zeros(batch, num_keep, dim).scatter_add_(
-        1, assignment.unsqueeze(-1).expand(-1, -1, dim), weighted)
-    total_score = cls_attention.new_zeros(batch, num_keep).scatter_add_(1, assignment,
-                                                                         cls_attention)
-    merged = weighted_sum / total_score.unsqueeze(-1)
-    return torch.cat([prefix, merged.to(x.dtype)], dim=1), kept_index, assignment
+    # One scatter of every token, in input order, into the token it goes to (a kept token goes
+    # to itself; a prefix token too, with weight 1, so it passes through exactly): no gathered
+    # copies on the gradient path, no strided views, no concatenation.
+    weights = torch.cat([cls_attention.new_ones(batch, num_prefix_tokens), cls_attention], 1)
+    destination = torch.cat([torch.arange(num_prefix_tokens, device=x.device).expand(
+        batch, num_prefix_tokens), assignment + num_prefix_tokens], 1)  # (B, P + N)
+    weighted = x * weights.unsqueeze(-1)
+    weighted_sum = weighted.new_zeros(batch, num_prefix_tokens + num_keep, dim).scatter_add_(
+        1, destination.unsqueeze(-1).expand(-1, -1, dim), weighted)
+    total = weights.new_zeros(batch, num_prefix_tokens + num_keep).scatter_add_(
+        1, destination, weights)
+    return (weighted_sum / total.unsqueeze(-1)).to(x.dtype), kept_index, assignment
 
 
 def reduce_through(blocks: Sequence[nn.Module], x: torch.Tensor, keep_rates: Sequence,

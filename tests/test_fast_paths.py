@@ -164,6 +164,68 @@ def test_dense_fusion_gradients_equal_conv_gradients(keep_rate):
         assert grads[True][f'up.{conv}.weight'].abs().max() > 1e-6, conv
 
 
+@pytest.mark.parametrize('multi_scale', [False, True])
+def test_matmul_embedding_equals_convolution_and_reference(multi_scale, monkeypatch):
+    # The CUDA path (patch embeddings and the half-resolution resize as matrix products),
+    # forced on the CPU in float64, against the convolutions and the written-out reference.
+    model = make_model(seed=7, **tiny_kwargs(patch_size=16, img_size=64, drop_loc=(3, 5),
+                                             base_keep_rate=0.6, multi_scale=multi_scale))
+    x = images(3, 64, seed=8)
+    for keep_rate in (0.5, 0.7, 1.0):
+        ref_logits, ref_reductions = ref_forward(model, x, keep_rate=keep_rate)
+        for batch in (1, 3):
+            outputs = {}
+            for matmul in (True, False):
+                model.matmul_embed = matmul
+                with monkeypatch.context() as patch:
+                    if matmul:  # the convolutions and F.interpolate must not run
+                        patch.setattr(model.patch_embed, 'forward', None)
+                        patch.setattr(models_mtvit.F, 'interpolate', None)
+                    with torch.no_grad():
+                        outputs[matmul] = model(x[:batch], keep_rate=keep_rate, get_idx=True)
+            for logits, reductions in outputs.values():
+                torch.testing.assert_close(logits, ref_logits[:batch], rtol=1e-9, atol=1e-10)
+                assert_reductions_equal(reductions, ref_reductions[:batch])
+    model.matmul_embed = None  # by device: the convolution on the CPU
+    with monkeypatch.context() as patch:
+        patch.setattr(models_mtvit, 'embed_patches_as_matmul', None)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref_forward(model, x)[0], rtol=1e-9, atol=1e-10)
+
+
+def test_matmul_embedding_gradients_equal_convolution_gradients():
+    model = make_model(seed=9, train=True, **tiny_kwargs(
+        patch_size=16, img_size=64, drop_loc=(3, 5), base_keep_rate=0.6, multi_scale=True))
+    x = images(3, 64, seed=10)
+    grads = {}
+    for matmul in (True, False):
+        model.matmul_embed = matmul
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        (logits * torch.arange(7.)).sum().backward()
+        grads[matmul] = {name: param.grad.clone() for name, param in model.named_parameters()}
+    assert grads[True]['patch_embed.proj.weight'].abs().max() > 1e-6
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=1e-8, atol=1e-10,
+                                   msg=lambda m, name=name: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('size', [224, 96, 64, 34])
+def test_bilinear_resize_matrix_is_interpolate(size):
+    rows = models_mtvit.bilinear_resize_matrix(size, size // 2)
+    assert rows.shape == (size // 2, size) and rows.dtype == torch.float64
+    assert ((rows != 0).sum(dim=1) <= 2).all()
+    torch.testing.assert_close(rows.sum(dim=1), torch.ones(size // 2, dtype=torch.float64))
+    image = images(2, size, seed=size)
+    expected = F.interpolate(image, size=(size // 2, size // 2), mode='bilinear',
+                             align_corners=True)
+    # In float32 the products are closer to the exact resize than F.interpolate's float32
+    # kernel, whose float32 source positions put it up to 1e-4 off at 224.
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 4e-6)):
+        got = rows.to(dtype) @ image.to(dtype) @ rows.to(dtype).t()
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. depthwise_as_matmul and depthwise_tap_placement
 # ---------------------------------------------------------------------------------------------
@@ -291,13 +353,14 @@ def test_token_counts_equal_keep_rate(token_models, kind, rate):
 # 4. bf16 autocast on CPU
 # ---------------------------------------------------------------------------------------------
 
-BF16_CASES = [(False, None), (True, False), (True, True)]
+BF16_CASES = [(False, None), (False, True), (True, False), (True, True)]
 
 
 def bf16_model(multi_scale, dense, sharpen=1.):
     model = make_model(seed=31, double=False, **tiny_kwargs(
         patch_size=16, img_size=64, drop_loc=(3, 4), base_keep_rate=0.5,
         multi_scale=multi_scale))
+    model.matmul_embed = dense
     if multi_scale:
         model.up.dense_depthwise = dense
     with torch.no_grad():
@@ -371,6 +434,12 @@ def test_compile_matches_eager_and_token_counts_bound_recompilations():
         # One graph without reduction, one with the first counts, one with dynamic counts.
         assert graphs[-1] <= 3, f'graphs after each rate: {graphs}'
         assert graphs[0] == 1
+        # The CUDA paths (matrix-product embeddings, resize and fusion) compile too.
+        torch._dynamo.reset()
+        model.matmul_embed = model.up.dense_depthwise = True
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x),
+                                       rtol=1e-4, atol=1e-4)
     finally:
         torch._dynamo.reset()
         counters.clear()
