@@ -2,8 +2,8 @@
 
 1. ScaleFusion's dense (per-channel matrix product) fusion against its convolutions and against
    the float64 reference of tests/mtvit_reference.py, values and gradients.
-2. ``depthwise_as_matmul`` / ``depthwise_tap_placement`` against ``F.conv2d`` and a placement
-   written out by hand.
+2. The matrix-product patch embeddings and resize against the convolutions and the reference
+   (the functions themselves: tests/test_matmul_ops.py).
 3. ``MTViT.token_counts``: ``tokens=model.token_counts(rate)`` is ``keep_rate=rate``.
 4. bf16 autocast on CPU against float32.
 5. torch.compile (inductor, CPU): same logits as eager, at most 3 graphs over a keep-rate sweep.
@@ -164,6 +164,10 @@ def test_dense_fusion_gradients_equal_conv_gradients(keep_rate):
         assert grads[True][f'up.{conv}.weight'].abs().max() > 1e-6, conv
 
 
+# ---------------------------------------------------------------------------------------------
+# 2. Matrix-product patch embeddings and resize
+# ---------------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize('multi_scale', [False, True])
 def test_matmul_embedding_equals_convolution_and_reference(multi_scale, monkeypatch):
     # The CUDA path (patch embeddings and the half-resolution resize as matrix products),
@@ -210,84 +214,36 @@ def test_matmul_embedding_gradients_equal_convolution_gradients():
                                    msg=lambda m, name=name: f'{name}: {m}')
 
 
-@pytest.mark.parametrize('size', [224, 96, 64, 34])
-def test_bilinear_resize_matrix_is_interpolate(size):
-    rows = models_mtvit.bilinear_resize_matrix(size, size // 2)
-    assert rows.shape == (size // 2, size) and rows.dtype == torch.float64
-    assert ((rows != 0).sum(dim=1) <= 2).all()
-    torch.testing.assert_close(rows.sum(dim=1), torch.ones(size // 2, dtype=torch.float64))
-    image = images(2, size, seed=size)
-    expected = F.interpolate(image, size=(size // 2, size // 2), mode='bilinear',
-                             align_corners=True)
-    # In float32 the products are closer to the exact resize than F.interpolate's float32
-    # kernel, whose float32 source positions put it up to 1e-4 off at 224.
-    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 4e-6)):
-        got = rows.to(dtype) @ image.to(dtype) @ rows.to(dtype).t()
-        torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance)
+@pytest.mark.parametrize('img_size', [(64, 96), (96, 64)])
+@pytest.mark.parametrize('multi_scale', [False, True])
+def test_matmul_embedding_non_square(img_size, multi_scale):
+    # Rows and columns of the patches and of the resize (the reference is square-only).
+    model = make_model(seed=5, **tiny_kwargs(patch_size=16, img_size=img_size, drop_loc=(3, 5),
+                                             base_keep_rate=0.6, multi_scale=multi_scale))
+    x = torch.randn(2, 3, *img_size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(6))
+    outputs = []
+    for matmul in (True, False):
+        model.matmul_embed = matmul
+        with torch.no_grad():
+            outputs.append(model(x, get_idx=True))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-9, atol=1e-10)
+    assert len(outputs[0][1]) == 2
+    for got, expected in zip(outputs[0][1], outputs[1][1]):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. depthwise_as_matmul and depthwise_tap_placement
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize('kernel,dilation', [(3, 1), (7, 2)])
-@pytest.mark.parametrize('grid', [(4, 6), (6, 4), (5, 5), (3, 7), (2, 3), (8, 8)])
-def test_depthwise_as_matmul_equals_conv2d(kernel, dilation, grid):
-    channels, batch = 5, 3
-    torch.manual_seed(kernel * 100 + grid[0] * 10 + grid[1])
-    conv = models_mtvit.depthwise_conv(channels, kernel, dilation=dilation).double()
-    with torch.no_grad():
-        conv.bias.normal_()
-    assert tuple(conv.weight.shape) == (channels, 1, kernel, kernel)
-    cells = grid[0] * grid[1]
-    u = torch.randn(channels, batch, cells, dtype=torch.float64)
-    placement = models_mtvit.depthwise_tap_placement(grid, kernel, dilation)
-    assert tuple(placement.shape) == (kernel * kernel, cells * cells)
-    got = models_mtvit.depthwise_as_matmul(u, conv, placement.double())
-    feature_map = u.permute(1, 0, 2).reshape(batch, channels, *grid)
-    expected = F.conv2d(feature_map, conv.weight, conv.bias, padding=dilation * (kernel - 1) // 2,
-                        dilation=dilation, groups=channels)
-    assert tuple(got.shape) == (channels, batch, cells)
-    torch.testing.assert_close(got, expected.reshape(batch, channels, cells).permute(1, 0, 2),
-                               rtol=1e-12, atol=1e-12)
-
-
-def hand_placement(grid, kernel, dilation):
-    """(k*k, P_in, P_out): tap (a, b) of output (r, c) reads input (r + d(a - h), c + d(b - h))."""
-    gh, gw = grid
-    half = (kernel - 1) // 2
-    out = torch.zeros(kernel * kernel, gh * gw, gh * gw)
-    for r in range(gh):
-        for c in range(gw):
-            for a in range(kernel):
-                for b in range(kernel):
-                    rr, cc = r + dilation * (a - half), c + dilation * (b - half)
-                    if 0 <= rr < gh and 0 <= cc < gw:
-                        out[a * kernel + b, rr * gw + cc, r * gw + c] = 1.
-    return out
-
-
-@pytest.mark.parametrize('grid,kernel,dilation', [((3, 3), 3, 1), ((4, 6), 3, 1),
-                                                  ((4, 6), 7, 2), ((9, 5), 7, 2)])
-def test_depthwise_tap_placement_by_hand(grid, kernel, dilation):
-    cells = grid[0] * grid[1]
-    placement = models_mtvit.depthwise_tap_placement(grid, kernel, dilation)
-    assert placement.dtype == torch.float32
-    placement = placement.view(kernel * kernel, cells, cells)
-    assert torch.equal(placement, hand_placement(grid, kernel, dilation))
-    # At most one input per (tap, output); exactly one where the tap lies inside the grid.
-    per_tap_output = placement.sum(dim=1)
-    assert per_tap_output.max() == 1
-    if grid == (3, 3) and kernel == 3:
-        # The centre output reads all 9 cells, each once; an edge output 6, a corner output 4.
-        assert torch.equal(per_tap_output[:, 4], torch.ones(9))
-        reads = placement.sum(dim=(0, 1)).view(3, 3)
-        assert reads.tolist() == [[4., 6., 4.], [6., 9., 6.], [4., 6., 4.]]
-        # Tap (0, 0) of the centre output reads the top-left input; of a corner, nothing.
-        assert placement[0, :, 4].tolist() == [1., 0., 0., 0., 0., 0., 0., 0., 0.]
-        assert placement[0, :, 0].sum() == 0
-        # Every input cell is read by the centre output through exactly one tap.
-        assert torch.equal(placement[:, :, 4].sum(0), torch.ones(9))
+def test_resize_weights_stay_exact_through_half_precision():
+    model = make_model(seed=5, **tiny_kwargs(patch_size=16, img_size=64, drop_loc=(3, 5),
+                                             multi_scale=True))
+    exact = models_mtvit.bilinear_resize_matrix(64, 32)
+    model.bfloat16().float()
+    assert model.patch_embed.proj.weight.dtype == torch.float32
+    assert model.resize_rows.dtype == torch.float64 and torch.equal(model.resize_rows, exact)
+    model.matmul_embed = True
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        # float64 inputs are not cast by autocast, nor by the matrix-product path
+        assert model.double()(images(1, 64, seed=1)).dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""Convolutions and a resize of MTViT as matrix products: the forms its CUDA paths use.
+
+On CUDA, cuDNN runs MTViT's patch-embedding convolution and the fusion's depthwise convolutions
+in half precision as slow generic kernels, and ``F.interpolate`` as a slow bilinear kernel; as
+matrix products they run on the tensor cores, and so do their gradients. Each function here
+computes the same function as the operation it replaces (tests/test_fast_paths.py checks each
+against it and against the float64 reference); ``models_mtvit`` chooses which runs.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def bilinear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) float64 weights of a 1-d bilinear resize with ``align_corners=True``:
+    ``matrix_h @ image @ matrix_w.T`` is ``F.interpolate(image, mode='bilinear',
+    align_corners=True)`` (exactly in float64; float32 kernels round the source positions)."""
+    scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.
+    source = torch.arange(size_out, dtype=torch.float64) * scale
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    rows = torch.arange(size_out)
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    matrix.index_put_((rows, low), 1 - (source - low), accumulate=True)
+    return matrix.index_put_((rows, high), source - low, accumulate=True)
+
+
+def embed_patches_as_matmul(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
+    """A patch embedding (conv with kernel = stride = patch, no padding) as one matrix product
+    of the image's patches with the flattened kernel: on CUDA, cuDNN runs this convolution in
+    half precision as a slow implicit GEMM (1.25 ms of 14 for MTViT-S at batch 256 on an H100).
+
+    Args:
+        x: (B, C_in, H, W), H and W multiples of the patch.
+        proj: the embedding's nn.Conv2d (C, C_in, p, p) with bias.
+    Returns:
+        (B, H/p * W/p, C), patches row-major, as ``PatchEmbed`` gives them.
+    """
+    batch, chans, height, width = x.shape
+    patch = proj.kernel_size[0]
+    patches = (x.reshape(batch, chans, height // patch, patch, width // patch, patch)
+               .permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, chans * patch * patch))
+    return F.linear(patches, proj.weight.flatten(1), proj.bias)
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype where autocast would cast it (on, and ``x`` floating but not
+    float64), as its matrix products would anyway, done once for several; else unchanged."""
+    if (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
+            and x.dtype != torch.float64):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def depthwise_tap_placement(grid: Tuple[int, int], kernel_size: int, dilation: int = 1
+                            ) -> torch.Tensor:
+    """Where each kernel tap lands in the matrix of a zero-padded, size-preserving conv.
+
+    Args:
+        grid: (gh, gw).
+        kernel_size, dilation: of a square kernel (padding ``dilation * (kernel_size - 1) / 2``).
+    Returns:
+        (k * k, P * P) float 0/1, P = gh * gw cells row-major: row t is 1 at [q, p] (flattened)
+        where output cell p reads input cell q through tap t (row-major). A kernel's taps
+        (C, k * k) times this matrix give each channel's transposed conv matrix (C, P, P).
+    """
+    half = dilation * (kernel_size - 1) // 2
+
+    def taps_1d(size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        offset = torch.arange(size)[:, None] - torch.arange(size)[None, :] + half  # (in, out)
+        tap = torch.div(offset, dilation, rounding_mode='floor')
+        return tap, (offset % dilation == 0) & (tap >= 0) & (tap < kernel_size)
+
+    tap_rows, valid_rows = taps_1d(grid[0])
+    tap_cols, valid_cols = taps_1d(grid[1])
+    # Indexed [input row, input col, output row, output col].
+    tap = tap_rows[:, None, :, None] * kernel_size + tap_cols[None, :, None, :]
+    valid = valid_rows[:, None, :, None] & valid_cols[None, :, None, :]
+    taps = kernel_size ** 2
+    tap = torch.where(valid, tap, taps).flatten()
+    return F.one_hot(tap, taps + 1)[:, :taps].t().float()
+
+
+def depthwise_as_matmul(u: torch.Tensor, conv: nn.Conv2d, placement: torch.Tensor
+                        ) -> torch.Tensor:
+    """A depthwise ``conv`` applied to channel-major tokens as one batched matrix product.
+
+    Each channel's convolution over the grid is a (P, P) matrix of that channel's kernel taps,
+    itself a product of the taps with their placements, so that the conv and its gradients
+    are tensor-core products rather than a depthwise kernel, which runs slowly in half
+    precision on CUDA.
+
+    Args:
+        u: (C, B, P) tokens of the grid, channel-major.
+        conv: depthwise nn.Conv2d (C, 1, k, k) with bias.
+        placement: (k * k, P * P) from ``depthwise_tap_placement`` for the conv's kernel.
+    Returns:
+        (C, B, P), the conv of the (B, C, gh, gw) map, laid out like ``u``.
+    """
+    cells = u.shape[2]
+    matrices = (conv.weight.flatten(1) @ placement).view(-1, cells, cells)  # (C, P_in, P_out)
+    return torch.baddbmm(conv.bias[:, None, None], u, matrices)
