@@ -12,7 +12,8 @@ model::
 A model is ``name`` or ``name:key=value[:key=value...]`` with JSON values (``true``, ``0.7``,
 ``[3,6,9]``), passed to ``timm.create_model``. ``--amp``, ``--compile``, ``--channels-last``
 and several ``--batch-size`` values (batch 1 gives the latency) select what is measured;
-``--json`` records every figure with the device, the library versions and the settings.
+``--json`` records every figure with the device, the library versions and the settings;
+``--profile N`` lists the N kernels (ops on a CPU) each model's step spends most time in.
 """
 import argparse
 import json
@@ -185,6 +186,27 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
     return results
 
 
+def profile_step(step: Callable[[], None], device: torch.device, top: int,
+                 steps: int = 3) -> List[dict]:
+    """Where one step spends its time: the ``top`` entries of ``torch.profiler`` over ``steps``
+    steps (after one untimed), by self time on the device (the CUDA kernels on a GPU; the aten
+    ops on the CPU). Returns ``{'name', 'ms_per_step', 'calls_per_step'}`` rows, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    field = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, field), reverse=True)
+    return [dict(name=event.key, ms_per_step=getattr(event, field) / 1e3 / steps,
+                 calls_per_step=event.count / steps) for event in events[:top]]
+
+
 def measure_throughput(model: nn.Module, input_size: int, device: torch.device,
                        batch_size: int, iterations: int, warmup: int, repeats: int,
                        in_chans: int = 3, amp_dtype: Optional[torch.dtype] = None) -> List[float]:
@@ -286,6 +308,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='rounds; the median is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='also print (and record) the N kernels (ops on a CPU) each model\'s '
+                             'step spends most time in, per step, from torch.profiler')
     parser.add_argument('--json', default=None, help='write every figure and setting here')
     return parser
 
@@ -313,7 +338,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
     images = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    timed, compile_seconds, compile_phases = [], {}, None
+    timed, timed_steps, compile_seconds, compile_phases = [], {}, {}, None
     for spec, model in models.items():
         step = (_inference_step(model, images, amp_dtype) if mode == 'inference'
                 else _training_step(model, images, args.num_classes, amp_dtype))
@@ -327,6 +352,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                 from torch._dynamo.utils import compile_times
                 compile_phases = compile_times(repr='str', aggregate=True)
         timed.append(_Timed(spec, step, batch_size))
+        timed_steps[spec] = step
     peak = {}
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
                                settings['repeats'], peak_memory=peak if mode == 'train' else None)
@@ -347,6 +373,8 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             record['first_step_s'] = compile_seconds[spec]
         if compile_phases:
             record['compile_phases'] = compile_phases
+        if args.profile:
+            record['profile'] = profile_step(timed_steps[spec], device, args.profile)
         records.append(record)
     return records
 
@@ -368,6 +396,9 @@ def print_records(records: Sequence[dict], device: torch.device):
             extra += f'  first (compiling) step {record["first_step_s"]:.1f} s'
         print(f'  {record["model"]}: {record["images_per_s"]:.1f} images/s [{runs}]  '
               f'ratio {record["ratio"]:.3f}{extra}', flush=True)
+        for row in record.get('profile', ()):
+            print(f'      {row["ms_per_step"]:8.3f} ms {row["calls_per_step"]:6.1f}x  '
+                  f'{row["name"][:100]}')
 
 
 def _write_json(path: Optional[str], device: torch.device, records: List[dict]):

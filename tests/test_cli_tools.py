@@ -4,6 +4,7 @@
 main.py runs in-process through ``main.cli`` (which returns the exit code the command would
 have); speed_test.py, whose error handling lives under ``__main__``, runs as a subprocess.
 """
+import json
 import math
 import re
 import subprocess
@@ -227,3 +228,23 @@ def test_speed_test_malformed_spec_exits_2_with_one_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith('speed_test.py: error: ') and "'foo'" in lines[0]
+
+
+def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
+    path = tmp_path / 'speed.json'
+    result = run_speed_test('deit_small_patch16_shrink_base:base_keep_rate=0.5', '--input-size',
+                            '64', '--batch-size', '2', '--iterations', '1', '--repeats', '1',
+                            '--warmup', '0', '--profile', '3', '--json', str(path))
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads(path.read_text())['records']
+    rows = record['profile']
+    assert len(rows) == 3
+    assert [row['ms_per_step'] for row in rows] == sorted((row['ms_per_step'] for row in rows),
+                                                           reverse=True)
+    assert all(row['ms_per_step'] > 0 for row in rows)
+    # On the CPU the rows are aten ops; the linear layers dominate a ViT (49 per step here:
+    # 4 per block and the head).
+    assert rows[0]['name'] == 'aten::addmm' and rows[0]['calls_per_step'] == 49
+    for row in rows:
+        assert re.search(rf'^ +{row["ms_per_step"]:.3f} ms +{row["calls_per_step"]:.1f}x  '
+                         rf'{re.escape(row["name"])}$', result.stdout, re.MULTILINE), result.stdout
