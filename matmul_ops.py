@@ -48,9 +48,10 @@ def embed_patches_as_matmul(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the autocast dtype where autocast would cast it (on, and ``x`` floating but not
     float64), as its matrix products would anyway, done once for several; else unchanged."""
-    if (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
-            and x.dtype != torch.float64):
-        return x.to(torch.get_autocast_dtype(x.device.type))
+    device = x.device.type
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and x.is_floating_point() and x.dtype != torch.float64):
+        return x.to(torch.get_autocast_dtype(device))
     return x
 
 

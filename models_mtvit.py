@@ -337,7 +337,7 @@ class MTViT(nn.Module):
             ])
             self.up = ScaleFusion(embed_dim, self.grid, dense_depthwise=dense_depthwise)
             # The half-resolution copy's resize as two matrix products (constants of the size).
-            for name, side in (('resize_rows', self.img_size[0]), ('resize_cols', self.img_size[1])):
+            for name, side in zip(('resize_rows', 'resize_cols'), self.img_size):
                 self.register_buffer(name, bilinear_resize_matrix(side, side // POOL),
                                      persistent=False)
         else:

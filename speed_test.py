@@ -13,7 +13,7 @@ A model is ``name`` or ``name:key=value[:key=value...]`` with JSON values (``tru
 ``[3,6,9]``), passed to ``timm.create_model``. ``--amp``, ``--compile``, ``--channels-last``
 and several ``--batch-size`` values (batch 1 gives the latency) select what is measured;
 ``--json`` records every figure with the device, the library versions and the settings;
-``--profile N`` lists the N kernels (ops on a CPU) each model's step spends most time in.
+``--profile N`` lists the N ops (and on a GPU the N kernels) each model's step spends most time in.
 """
 import argparse
 import json
@@ -188,9 +188,12 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
 
 def profile_step(step: Callable[[], None], device: torch.device, top: int,
                  steps: int = 3) -> List[dict]:
-    """Where one step spends its time: the ``top`` entries of ``torch.profiler`` over ``steps``
-    steps (after one untimed), by self time on the device (the CUDA kernels on a GPU; the aten
-    ops on the CPU). Returns ``{'name', 'ms_per_step', 'calls_per_step'}`` rows, largest first."""
+    """Where one step spends its time, from ``torch.profiler`` over ``steps`` steps (after one
+    untimed): the ``top`` ops by self time on the CPU, and on a GPU also the ``top`` CUDA
+    kernels by self time on the device (where a small batch is bound by the host's time to
+    launch kernels, the host rows say which ops cost it). Returns ``{'where' ('device', 'host'
+    or 'cpu'), 'name', 'ms_per_step', 'calls_per_step'}`` rows, device rows first, each part
+    largest first."""
     from torch.profiler import ProfilerActivity, profile
     step()
     synchronize(device)
@@ -201,10 +204,16 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int,
         for _ in range(steps):
             step()
         synchronize(device)
-    field = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, field), reverse=True)
-    return [dict(name=event.key, ms_per_step=getattr(event, field) / 1e3 / steps,
-                 calls_per_step=event.count / steps) for event in events[:top]]
+    events = profiler.key_averages()
+    parts = [('self_cpu_time_total', 'cpu')]
+    if device.type == 'cuda':
+        parts = [('self_device_time_total', 'device'), ('self_cpu_time_total', 'host')]
+    rows = []
+    for field, where in parts:
+        ranked = sorted(events, key=lambda event: getattr(event, field), reverse=True)[:top]
+        rows += [dict(where=where, name=event.key, ms_per_step=getattr(event, field) / 1e3 / steps,
+                      calls_per_step=event.count / steps) for event in ranked]
+    return rows
 
 
 def measure_throughput(model: nn.Module, input_size: int, device: torch.device,
@@ -309,8 +318,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
-                        help='also print (and record) the N kernels (ops on a CPU) each model\'s '
-                             'step spends most time in, per step, from torch.profiler')
+                        help='also print (and record) the N ops each model\'s step spends most '
+                             'time in, per step, from torch.profiler (on a GPU also the N CUDA '
+                             'kernels)')
     parser.add_argument('--json', default=None, help='write every figure and setting here')
     return parser
 
@@ -397,8 +407,8 @@ def print_records(records: Sequence[dict], device: torch.device):
         print(f'  {record["model"]}: {record["images_per_s"]:.1f} images/s [{runs}]  '
               f'ratio {record["ratio"]:.3f}{extra}', flush=True)
         for row in record.get('profile', ()):
-            print(f'      {row["ms_per_step"]:8.3f} ms {row["calls_per_step"]:6.1f}x  '
-                  f'{row["name"][:100]}')
+            print(f'      {row["where"]:>6} {row["ms_per_step"]:8.3f} ms '
+                  f'{row["calls_per_step"]:6.1f}x  {row["name"][:100]}')
 
 
 def _write_json(path: Optional[str], device: torch.device, records: List[dict]):

@@ -241,10 +241,10 @@ def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
     assert len(rows) == 3
     assert [row['ms_per_step'] for row in rows] == sorted((row['ms_per_step'] for row in rows),
                                                            reverse=True)
-    assert all(row['ms_per_step'] > 0 for row in rows)
+    assert all(row['ms_per_step'] > 0 and row['where'] == 'cpu' for row in rows)
     # On the CPU the rows are aten ops; the linear layers dominate a ViT (49 per step here:
     # 4 per block and the head).
     assert rows[0]['name'] == 'aten::addmm' and rows[0]['calls_per_step'] == 49
     for row in rows:
-        assert re.search(rf'^ +{row["ms_per_step"]:.3f} ms +{row["calls_per_step"]:.1f}x  '
+        assert re.search(rf'^ +cpu +{row["ms_per_step"]:.3f} ms +{row["calls_per_step"]:.1f}x  '
                          rf'{re.escape(row["name"])}$', result.stdout, re.MULTILINE), result.stdout

@@ -107,3 +107,20 @@ def test_bilinear_resize_matrix_is_interpolate(height, width):
     for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 4e-6)):
         got = rows.to(dtype) @ image.to(dtype) @ cols.to(dtype).t()
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. to_autocast_dtype
+# ---------------------------------------------------------------------------------------------
+
+def test_to_autocast_dtype_casts_what_autocast_casts():
+    x32, x64 = torch.ones(2), torch.ones(2, dtype=torch.float64)
+    ints = torch.ones(2, dtype=torch.long)
+    assert matmul_ops.to_autocast_dtype(x32) is x32  # autocast off
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert matmul_ops.to_autocast_dtype(x32).dtype == torch.bfloat16
+        assert matmul_ops.to_autocast_dtype(x64) is x64
+        assert matmul_ops.to_autocast_dtype(ints) is ints
+        # A device without autocast (meta: shapes only) is left as it is, not an error.
+        meta = torch.empty(2, device='meta')
+        assert matmul_ops.to_autocast_dtype(meta) is meta
