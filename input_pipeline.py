@@ -303,6 +303,25 @@ def collate_crops(batch):
     return pad_crops([image for image, _ in batch]), _collate_targets(batch)
 
 
+def normalization(mean, std, device) -> tuple:
+    """The normalisation of uint8 images as a (1, 3, 1, 1) float32 shift ``255 mean`` and scale
+    ``1 / (255 std)`` on ``device``, for ``normalize_uint8``. A product, not a quotient:
+    dividing by a broadcast tensor is six times slower on the CPU, and the two differ by a
+    rounding (< 3e-7)."""
+    shift = torch.tensor([255 * value for value in mean], device=device).view(1, -1, 1, 1)
+    scale = torch.tensor([1 / (255 * value) for value in std], device=device).view(1, -1, 1, 1)
+    return shift, scale
+
+
+def normalize_uint8(images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+                    ) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> a new contiguous (B, 3, H, W) float32 ``(x - shift) * scale``
+    (``normalization``'s tensors): the model's input, in the loaders and the visualisation."""
+    # One pass converts and makes the batch contiguous (collate_images stacks channels-last).
+    images = images.to(torch.float32, memory_format=torch.contiguous_format)
+    return images.sub_(shift).mul_(scale)
+
+
 class DeviceLoader:
     """A loader of uint8 batches seen as one of normalised float32 batches on ``device``.
 
@@ -322,12 +341,8 @@ class DeviceLoader:
 
         self.loader = loader
         self.device = torch.device(device)
-        self.mean = torch.tensor([255 * value for value in IMAGENET_DEFAULT_MEAN],
-                                 device=self.device).view(1, -1, 1, 1)
-        # A product, not a quotient: dividing by a broadcast tensor is six times slower on the
-        # CPU, and the two differ by a rounding (< 3e-7).
-        self.inv_std = torch.tensor([1 / (255 * value) for value in IMAGENET_DEFAULT_STD],
-                                    device=self.device).view(1, -1, 1, 1)
+        self.shift, self.scale = normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                               self.device)
         self.random_erasing = (RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count,
                                              device=self.device) if re_prob > 0 else None)
         self.device_augment = device_augment
@@ -374,9 +389,7 @@ class DeviceLoader:
             torch.cuda.current_stream(self.device).wait_event(arrived)
         if self.device_augment is not None:
             images = self.device_augment(images)
-        # One pass converts and makes the batch contiguous (collate_images stacks channels-last).
-        images = images.to(torch.float32, memory_format=torch.contiguous_format)
-        images = images.sub_(self.mean).mul_(self.inv_std)
+        images = normalize_uint8(images, self.shift, self.scale)
         if self.random_erasing is not None:
             images = self.random_erasing(images)
         return images, targets

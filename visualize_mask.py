@@ -76,10 +76,10 @@ def group_assignments(reductions: Sequence[Tuple[torch.Tensor, torch.Tensor]],
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The input normalisation. (B, 3, H, W) uint8 -> (B, 3, H, W) float32, ``(x / 255 - mean) / std``."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, RGB, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, RGB, 1, 1)
-    return (images.float() / 255 - mean_t) / std_t
+    """The input normalisation, the loaders' own arithmetic (``input_pipeline``), so that the
+    model sees what evaluation gives it. (B, 3, H, W) uint8 -> (B, 3, H, W) float32."""
+    from input_pipeline import normalization, normalize_uint8
+    return normalize_uint8(images, *normalization(mean, std, images.device))
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float],

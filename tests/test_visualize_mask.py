@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models_mtvit  # noqa: E402,F401  (registers the models with timm)
+import visualize_mask  # noqa: E402
 from models_mtvit import merge_tokens  # noqa: E402
 from visualize_mask import (  # noqa: E402
     BORDER_COLOUR, OVERVIEW_BACKGROUND, OVERVIEW_GAP, denormalize, group_assignments,
@@ -417,3 +418,19 @@ def test_visualize_names_files_with_enough_digits(tmp_path):
     big = torch.utils.data.Subset(TensorDataset(images, torch.arange(3)), [0, 1, 2] * 40000)
     run_visualize(tiny_mtvit(), big, tmp_path, 2)
     assert names(tmp_path, '_input.png') == ['img030000_input.png', 'img090000_input.png']
+
+
+def test_normalize_is_the_loaders_normalisation():
+    # The visualisation's model input equals what the evaluation loader gives the model, bit for
+    # bit, and is the normalisation (x / 255 - mean) / std to float rounding.
+    import input_pipeline
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    loader = input_pipeline.DeviceLoader([(images, torch.zeros(3, dtype=torch.long))], 'cpu')
+    [(expected, _)] = list(loader)
+    got = visualize_mask.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, (images / 255 - mean) / std, rtol=0, atol=1e-6)
+    assert images.dtype == torch.uint8  # the input is left as it was
