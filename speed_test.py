@@ -348,7 +348,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
     images = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    timed, timed_steps, compile_seconds, compile_phases = [], {}, {}, None
+    timed, compile_seconds, compile_phases = [], {}, None
     for spec, model in models.items():
         step = (_inference_step(model, images, amp_dtype) if mode == 'inference'
                 else _training_step(model, images, args.num_classes, amp_dtype))
@@ -362,13 +362,13 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                 from torch._dynamo.utils import compile_times
                 compile_phases = compile_times(repr='str', aggregate=True)
         timed.append(_Timed(spec, step, batch_size))
-        timed_steps[spec] = step
     peak = {}
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
                                settings['repeats'], peak_memory=peak if mode == 'train' else None)
     medians = {spec: statistics.median(values) for spec, values in results.items()}
     reference = medians[next(iter(models))]
     records = []
+    steps = {entry.name: entry.step for entry in timed}
     for spec, values in results.items():
         record = dict(model=spec, mode=mode, amp=args.amp, batch_size=batch_size,
                       compiled=compiled, channels_last=args.channels_last,
@@ -384,7 +384,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
         if compile_phases:
             record['compile_phases'] = compile_phases
         if args.profile:
-            record['profile'] = profile_step(timed_steps[spec], device, args.profile)
+            record['profile'] = profile_step(steps[spec], device, args.profile)
         records.append(record)
     return records
 
