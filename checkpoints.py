@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models_mtvit import POOL
+from multi_scale import POOL
 from utils import BYTES_PER_MB, MachineError, is_disk_full, is_main_process
 
 # Weights a finetuning source must provide: everything but the head and position embeddings.

@@ -6,7 +6,7 @@ matrix products they run on the tensor cores, and so do their gradients. Each fu
 computes the same function as the operation it replaces (tests/test_fast_paths.py checks each
 against it and against the float64 reference); ``models_mtvit`` chooses which runs.
 """
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,22 +27,29 @@ def bilinear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     return matrix.index_put_((rows, high), source - low, accumulate=True)
 
 
-def embed_patches_as_matmul(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
-    """A patch embedding (conv with kernel = stride = patch, no padding) as one matrix product
-    of the image's patches with the flattened kernel: on CUDA, cuDNN runs this convolution in
-    half precision as a slow implicit GEMM (1.25 ms of 14 for MTViT-S at batch 256 on an H100).
+def embed_patches_as_matmul(images: Sequence[torch.Tensor], proj: nn.Conv2d
+                            ) -> List[torch.Tensor]:
+    """Patch embeddings (conv with kernel = stride = patch, no padding) of one or more images
+    as one matrix product of all their patches with the flattened kernel: on CUDA, cuDNN runs
+    this convolution in half precision as a slow implicit GEMM (1.25 ms of 14 for MTViT-S at
+    batch 256 on an H100), and one product for both scales of the multi-scale front end is one
+    launch instead of two.
 
     Args:
-        x: (B, C_in, H, W), H and W multiples of the patch.
+        images: (B, C_in, H_i, W_i) each, sides multiples of the patch.
         proj: the embedding's nn.Conv2d (C, C_in, p, p) with bias.
     Returns:
-        (B, H/p * W/p, C), patches row-major, as ``PatchEmbed`` gives them.
+        (B, H_i/p * W_i/p, C) per image, patches row-major, as ``PatchEmbed`` gives them.
     """
-    batch, chans, height, width = x.shape
     patch = proj.kernel_size[0]
-    patches = (x.reshape(batch, chans, height // patch, patch, width // patch, patch)
-               .permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, chans * patch * patch))
-    return F.linear(patches, proj.weight.flatten(1), proj.bias)
+    patches = []
+    for image in images:
+        batch, chans, height, width = image.shape
+        patches.append(image.reshape(batch, chans, height // patch, patch, width // patch, patch)
+                       .permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, chans * patch * patch))
+    joint = patches[0] if len(patches) == 1 else torch.cat(patches, dim=1)
+    embedded = F.linear(joint, proj.weight.flatten(1), proj.bias)
+    return list(embedded.split([part.shape[1] for part in patches], dim=1))
 
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:

@@ -18,49 +18,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import register_model
 
-from matmul_ops import (bilinear_resize_matrix, depthwise_as_matmul, depthwise_tap_placement,
-                        embed_patches_as_matmul, to_autocast_dtype)
+from matmul_ops import bilinear_resize_matrix, embed_patches_as_matmul, to_autocast_dtype
+from multi_scale import MULTI_SCALE_BLOCKS, POOL, ScaleFusion, run_per_stream, run_two_scales
 from token_merging import (Reduction, apply_mergence, class_attention, keep_count, keep_counts,
                            merge_tokens, per_block, reduce_through)
 
 __all__ = ['MTViT', 'apply_mergence', 'merge_tokens', 'MTVIT_MODELS']
-
-MULTI_SCALE_BLOCKS = 3
-"""Blocks that run on both scales before the fusion module; reductions must come after them."""
-
-POOL = 2
-"""The low-resolution stream and the pooled attention work on a grid halved in each direction."""
-
-
-def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """2x2 average pooling (stride 2) of patch tokens laid out row-major on a grid.
-
-    Args:
-        patches: (B, gh * gw, C).
-        grid: (gh, gw), both even.
-    Returns:
-        (B, gh/2 * gw/2, C).
-    """
-    batch, _, dim = patches.shape
-    # A mean over the cells of a view: one reduction, whose backward is a broadcast (on an H100
-    # 0.27 ms less per batch of 256 than avg_pool2d forward, 1 ms less per training step).
-    cells = patches.reshape(batch, grid[0] // POOL, POOL, grid[1] // POOL, POOL, dim)
-    return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
-
-
-def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """Nearest 2x upsampling of patch tokens: each token is repeated over its 2x2 cells.
-
-    Args:
-        patches: (B, gh * gw, C) on the small grid.
-        grid: (gh, gw), the small grid.
-    Returns:
-        (B, 2gh * 2gw, C), row-major on the doubled grid.
-    """
-    batch, _, dim = patches.shape
-    gh, gw = grid
-    cells = patches.reshape(batch, gh, 1, gw, 1, dim).expand(batch, gh, POOL, gw, POOL, dim)
-    return cells.reshape(batch, gh * POOL * gw * POOL, dim)
 
 
 class Attention(nn.Module):
@@ -78,20 +41,38 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, N, 3C) -> q, k, v, each (B, H, N, D)."""
+        batch, num_tokens, _ = qkv.shape
+        qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, -1)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, D) each -> (B, N, H, D), a view."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        return out.transpose(1, 2)
+
     def forward(self, x: torch.Tensor, return_cls_attention: bool = False
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Args: x (B, N, C). Returns (B, N, C) and, if asked, the class attention (B, N - 1):
         softmax weights from the class token's query to each patch token, averaged over heads."""
-        batch, num_tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
+        q, k, v = self._split_heads(self.qkv(x))
+        out = self.proj_drop(self.proj(self._attend(q, k, v).reshape(x.shape)))
         cls_attention = None
         if return_cls_attention:
             cls_attention = class_attention(q, k, self.scale)
         return out, cls_attention
+
+    def forward_segments(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Attention within each of consecutive token segments, none across them: equal to
+        ``forward`` of each segment, concatenated, with one projection for all.
+
+        Args: x (B, N, C); sizes: segment lengths summing to N. Returns (B, N, C).
+        """
+        heads = [self._attend(*self._split_heads(part))
+                 for part in self.qkv(x).split(list(sizes), dim=1)]
+        return self.proj_drop(self.proj(torch.cat(heads, dim=1).reshape(x.shape)))
 
 
 class Block(nn.Module):
@@ -128,119 +109,6 @@ class Block(nn.Module):
             reduction = (kept_index, assignment)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, reduction
-
-    def forward_pooled(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Full-resolution stream of the multi-scale front end: attention runs on a 2x2-pooled
-        copy and is upsampled back (nearest); the MLP runs at full resolution.
-
-        Args: x (B, 1 + gh * gw, C); grid (gh, gw). Returns (B, 1 + gh * gw, C).
-        """
-        pooled = torch.cat([x[:, :1], pool_patch_grid(x[:, 1:], grid)], dim=1)
-        attn = self.drop_path(self.attn(self.norm1(pooled))[0])
-        batch, _, dim = x.shape
-        low_h, low_w = grid[0] // POOL, grid[1] // POOL
-        # Nearest upsampling by broadcasting over the 2x2 cells, without materialising it.
-        patches = (x[:, 1:].reshape(batch, low_h, POOL, low_w, POOL, dim)
-                   + attn[:, 1:].reshape(batch, low_h, 1, low_w, 1, dim))
-        x = torch.cat([x[:, :1] + attn[:, :1], patches.reshape(batch, -1, dim)], dim=1)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-DENSE_DEPTHWISE_MAX_CELLS = 576
-"""Largest patch grid (gh * gw cells, 24 x 24: 384 pixels at patch 16) whose fusion convolutions
-run as per-channel matrix products on CUDA: the matrices take C * (gh * gw)^2 elements (29 MB
-in half precision for MTViT-S at 224, 255 MB at 384), the tap placements 58 * (gh * gw)^2."""
-
-
-def depthwise_conv(dim: int, kernel_size: int, dilation: int = 1) -> nn.Conv2d:
-    """Depthwise conv with bias that keeps the spatial size."""
-    return nn.Conv2d(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2,
-                     dilation=dilation, groups=dim)
-
-
-class LargeKernelConv(nn.Module):
-    """Depthwise 3x3, depthwise 7x7 dilated by 2, then pointwise 1x1: a large receptive field
-    at a small cost. (B, C, H, W) -> (B, C, H, W)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv0 = depthwise_conv(dim, 3)
-        self.conv_spatial = depthwise_conv(dim, 7, dilation=2)
-        self.conv1 = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv1(self.conv_spatial(self.conv0(x)))
-
-
-class ScaleFusion(nn.Module):
-    """Fuses the low- and full-resolution streams into one full-resolution stream (SPEC 1.3).
-
-    Two implementations of the same function: convolutions on a (B, C, gh, gw) view of the
-    tokens (CPU, and large grids), and per-channel matrix products on channel-major tokens
-    (CUDA, where half-precision depthwise convolutions and their layout transforms cost more
-    than the rest of the front end). ``dense_depthwise`` forces one (None: by device); traced
-    models (the FLOP counters) always get the convolutions.
-    """
-
-    def __init__(self, dim: int, grid: Tuple[int, int], dense_depthwise: Optional[bool] = None):
-        super().__init__()
-        self.grid = tuple(grid)
-        self.lka = LargeKernelConv(dim)
-        self.peg = depthwise_conv(dim, 3)
-        self.dense_depthwise = dense_depthwise
-        small = large = None
-        fits = self.grid[0] * self.grid[1] <= DENSE_DEPTHWISE_MAX_CELLS
-        if dense_depthwise and not fits:
-            raise ValueError(f'dense_depthwise: a {self.grid[0]}x{self.grid[1]} patch grid is over '
-                             f'the {DENSE_DEPTHWISE_MAX_CELLS} cells the matrices are built for')
-        if fits and dense_depthwise is not False:
-            # conv0 and peg share the 3x3 placement; each conv's own size and dilation decide.
-            small, large = (depthwise_tap_placement(self.grid, conv.kernel_size[0],
-                                                    dilation=conv.dilation[0])
-                            for conv in (self.lka.conv0, self.lka.conv_spatial))
-        # Constants of the grid, not weights: kept out of checkpoints.
-        self.register_buffer('placement_3x3', small, persistent=False)
-        self.register_buffer('placement_7x7_dilated', large, persistent=False)
-
-    def _use_dense(self, x: torch.Tensor) -> bool:
-        if self.dense_depthwise is not None:
-            return self.dense_depthwise
-        return x.is_cuda and self.placement_3x3 is not None and not torch.jit.is_tracing()
-
-    def forward(self, x_high: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
-        """Args: x_high (B, 1 + gh * gw, C); x_low (B, 1 + gh/2 * gw/2, C).
-        Returns (B, 1 + gh * gw, C)."""
-        fuse = self._fuse_dense if self._use_dense(x_high) else self._fuse_conv
-        cls_token = x_high[:, :1] + x_low[:, :1]
-        return torch.cat([cls_token, fuse(x_high[:, 1:], x_low[:, 1:])], dim=1)
-
-    def _fuse_conv(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), through nn.Conv2d."""
-        batch, _, dim = high.shape
-        low_grid = (self.grid[0] // POOL, self.grid[1] // POOL)
-        to_map = (batch, self.grid[0], self.grid[1], dim)
-        u = upsample_patch_grid(low, low_grid).reshape(to_map).permute(0, 3, 1, 2)
-        u = u + self.lka(u)
-        u = u + high.reshape(to_map).permute(0, 3, 1, 2)
-        u = u + self.peg(u)
-        return u.flatten(2).transpose(1, 2)
-
-    def _fuse_dense(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), as matrix products."""
-        batch, _, dim = high.shape
-        low_h, low_w = self.grid[0] // POOL, self.grid[1] // POOL
-        # Channel-major (C, B, P), upsampled (nearest) in the same copy.
-        u = (low.permute(2, 0, 1).reshape(dim, batch, low_h, 1, low_w, 1)
-             .expand(dim, batch, low_h, POOL, low_w, POOL).reshape(dim, batch, -1))
-        lka = self.lka
-        t = depthwise_as_matmul(u, lka.conv0, self.placement_3x3)
-        t = depthwise_as_matmul(t, lka.conv_spatial, self.placement_7x7_dilated)
-        t = torch.addmm(lka.conv1.bias[:, None], lka.conv1.weight.flatten(1), t.reshape(dim, -1))
-        u = u + t.reshape(dim, batch, -1)
-        u = u + high.permute(2, 0, 1)
-        u = u + depthwise_as_matmul(u, self.peg, self.placement_3x3)
-        return u.permute(1, 2, 0)
-
 
 class ConfigError(ValueError):
     """An MTViT shape that cannot be built; ``setting`` names the constructor argument at fault
@@ -288,9 +156,10 @@ class MTViT(nn.Module):
     """DeiT with token mergence at ``drop_loc`` and an optional multi-scale front end.
 
     ``dense_depthwise`` picks how the fusion's depthwise convolutions are computed and
-    ``matmul_embed`` how the patch embeddings and the half-resolution resize are (same function
-    either way): None by device (matrix products on CUDA, except in traced models, whose FLOP
-    counts keep the convolutions), True or False to force one.
+    ``matmul_embed`` how the patch embeddings and the half-resolution resize are, and whether
+    the front end's two streams run as one tensor (same function either way): None by device
+    (matrix products and one tensor on CUDA, except in traced models, whose FLOP counts keep
+    the convolutions), True or False to force one.
     """
 
     def __init__(
@@ -413,29 +282,42 @@ class MTViT(nn.Module):
             return self.matmul_embed
         return x.is_cuda and not torch.jit.is_tracing()
 
-    def _embed(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + N, C): patch tokens behind the class token, plus positions."""
-        if self._use_matmul(x):
-            x = embed_patches_as_matmul(to_autocast_dtype(x), self.patch_embed.proj)
+    def _embed(self, images: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor]
+               ) -> torch.Tensor:
+        """Tokens of one or more images (scales), one after the other, in one pass.
+
+        Args: images (B, 3, H_i, W_i) each; pos_embeds (1, 1 + N_i, C) each.
+        Returns (B, sum of 1 + N_i, C): per image, the class token then its patch tokens, plus
+        the image's positions.
+        """
+        if self._use_matmul(images[0]):
+            embedded = embed_patches_as_matmul([to_autocast_dtype(image) for image in images],
+                                               self.patch_embed.proj)
         else:
-            x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + pos_embed)
+            embedded = [self.patch_embed(image) for image in images]
+        cls_token = self.cls_token.expand(images[0].shape[0], -1, -1)
+        tokens = torch.cat([part for patches in embedded for part in (cls_token, patches)], dim=1)
+        positions = pos_embeds[0] if len(pos_embeds) == 1 else torch.cat(list(pos_embeds), dim=1)
+        return self.pos_drop(tokens + positions)
 
     def _multi_scale_front(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the first blocks on both scales and fuses them. (B, 3, H, W) -> (B, 1 + N, C)."""
-        if self._use_matmul(x):
-            x = to_autocast_dtype(x)  # once, for both embeddings and the resize
-            low_res = self.resize_rows.to(x.dtype) @ x @ self.resize_cols.to(x.dtype).t()
-        else:
+        blocks = self.blocks[:MULTI_SCALE_BLOCKS]
+        if not self._use_matmul(x):
             low_res = F.interpolate(x, size=(x.shape[2] // POOL, x.shape[3] // POOL),
                                     mode='bilinear', align_corners=True)
-        x_low = self._embed(low_res, self.pos_embed_list[0])
-        x_high = self._embed(x, self.pos_embed_list[1])
-        for index, block in enumerate(self.blocks[:MULTI_SCALE_BLOCKS]):
-            x_low = block(x_low)[0]
-            x_high = block(x_high)[0] if index == 0 else block.forward_pooled(x_high, self.grid)
-        return self.up(x_high, x_low)
+            # One stream after the other: on the CPU the joint tensors' larger allocations cost
+            # more (page faults) than the operations saved (MTViT-S's front end: 5% at batch 32).
+            x_low, x_high = run_per_stream(blocks, self._embed([low_res], self.pos_embed_list[:1]),
+                                           self._embed([x], self.pos_embed_list[1:]), self.grid)
+            return self.up(x_high, x_low)
+        x = to_autocast_dtype(x)  # once, for both embeddings and the resize
+        low_res = self.resize_rows.to(x.dtype) @ x @ self.resize_cols.to(x.dtype).t()
+        # Both streams as one tensor, the low-resolution one first: half the launches.
+        x = self._embed([low_res, x], self.pos_embed_list)
+        num_low = self.pos_embed_list[0].shape[1]
+        x = run_two_scales(blocks, x, num_low, self.grid)
+        return self.up(x[:, num_low:], x[:, :num_low])
 
     def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None
                          ) -> Tuple[torch.Tensor, List[Reduction]]:
@@ -455,7 +337,7 @@ class MTViT(nn.Module):
                                  f'both scales and never reduce')
             x = self._multi_scale_front(x)
         else:
-            x = self._embed(x, self.pos_embed)
+            x = self._embed([x], [self.pos_embed])
         x, reductions = reduce_through(self.blocks[first:], x, keep_rates[first:],
                                        token_counts[first:])
         return self.norm(x), reductions

@@ -114,15 +114,13 @@ def merge_tokens(
     patches = x[:, num_prefix_tokens:]
     batch, _, dim = patches.shape
     order = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
-    kept_index, pruned_index = order[:, :num_keep], order[:, num_keep:]
+    kept_index = order[:, :num_keep]
 
     # The choice of merge target is discrete: no gradient flows through the similarities.
     with torch.no_grad():
-        kept_unit = F.normalize(patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim)),
-                                dim=-1)
-        pruned_unit = F.normalize(
-            patches.gather(1, pruned_index.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
-        target = (pruned_unit @ kept_unit.transpose(1, 2)).argmax(dim=-1)
+        # Unit vectors in score order, kept ones first: one gather and one normalisation.
+        ranked = F.normalize(patches.gather(1, order.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
+        target = (ranked[:, num_keep:] @ ranked[:, :num_keep].transpose(1, 2)).argmax(dim=-1)
         kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
         assignment = torch.empty_like(order).scatter_(1, order,
                                                       torch.cat([kept_position, target], 1))
@@ -130,7 +128,7 @@ def merge_tokens(
     # One scatter of every token, in input order, into the token it goes to (a kept token goes
     # to itself; a prefix token too, with weight 1, so it passes through exactly): no gathered
     # copies on the gradient path, no strided views, no concatenation.
-    weights = torch.cat([cls_attention.new_ones(batch, num_prefix_tokens), cls_attention], 1)
+    weights = F.pad(cls_attention, (num_prefix_tokens, 0), value=1.)  # (B, P + N)
     destination = torch.cat([torch.arange(num_prefix_tokens, device=x.device).expand(
         batch, num_prefix_tokens), assignment + num_prefix_tokens], 1)  # (B, P + N)
     weighted = x * weights.unsqueeze(-1)

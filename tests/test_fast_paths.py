@@ -2,8 +2,9 @@
 
 1. ScaleFusion's dense (per-channel matrix product) fusion against its convolutions and against
    the float64 reference of tests/mtvit_reference.py, values and gradients.
-2. The matrix-product patch embeddings and resize against the convolutions and the reference
-   (the functions themselves: tests/test_matmul_ops.py).
+2. The matrix-product patch embeddings and resize, and the front end's two streams as one
+   tensor, against the convolutions, one stream after the other, and the reference (the
+   functions themselves: tests/test_matmul_ops.py).
 3. ``MTViT.token_counts``: ``tokens=model.token_counts(rate)`` is ``keep_rate=rate``.
 4. bf16 autocast on CPU against float32.
 5. torch.compile (inductor, CPU): same logits as eager, at most 3 graphs over a keep-rate sweep.
@@ -20,6 +21,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -29,6 +32,7 @@ for path in (REPO, TESTS):
 
 import engine  # noqa: E402
 import models_mtvit  # noqa: E402
+from multi_scale import MULTI_SCALE_BLOCKS, run_per_stream, run_two_scales  # noqa: E402
 import utils  # noqa: E402
 from mtvit_reference import (assert_reductions_equal, images, make_model, ref_forward,  # noqa: E402
                              reduction_sizes, tiny_kwargs)
@@ -182,9 +186,12 @@ def test_matmul_embedding_equals_convolution_and_reference(multi_scale, monkeypa
             for matmul in (True, False):
                 model.matmul_embed = matmul
                 with monkeypatch.context() as patch:
-                    if matmul:  # the convolutions and F.interpolate must not run
+                    if matmul:  # the convolutions, F.interpolate, one stream at a time: not run
                         patch.setattr(model.patch_embed, 'forward', None)
                         patch.setattr(models_mtvit.F, 'interpolate', None)
+                        patch.setattr(models_mtvit, 'run_per_stream', None)
+                    else:
+                        patch.setattr(models_mtvit, 'run_two_scales', None)
                     with torch.no_grad():
                         outputs[matmul] = model(x[:batch], keep_rate=keep_rate, get_idx=True)
             for logits, reductions in outputs.values():
@@ -212,6 +219,42 @@ def test_matmul_embedding_gradients_equal_convolution_gradients():
     for name, grad in grads[True].items():
         torch.testing.assert_close(grad, grads[False][name], rtol=1e-8, atol=1e-10,
                                    msg=lambda m, name=name: f'{name}: {m}')
+
+
+class TensorWrites(TorchDispatchMode):
+    """Counts the operations that write a new tensor (views and in-place ops excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        self.count += any(t.untyped_storage().data_ptr() not in inputs
+                          for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_two_scales_as_one_tensor_equal_and_fewer_operations():
+    # The CUDA front end (both streams as one tensor) against one stream after the other: the
+    # same tokens, with a third fewer operations (each a kernel launch on a GPU).
+    model = make_model(seed=2, **tiny_kwargs(patch_size=16, img_size=64, drop_loc=(3,),
+                                             base_keep_rate=0.6, multi_scale=True))
+    x = images(2, 64, seed=3)
+    low_res = F.interpolate(x, scale_factor=0.5, mode='bilinear', align_corners=True)
+    blocks = model.blocks[:MULTI_SCALE_BLOCKS]
+    with torch.no_grad():
+        x_low = model._embed([low_res], model.pos_embed_list[:1])
+        x_high = model._embed([x], model.pos_embed_list[1:])
+        with TensorWrites() as per_stream:
+            expected = torch.cat(run_per_stream(blocks, x_low, x_high, model.grid), 1)
+        with TensorWrites() as joint:
+            got = run_two_scales(blocks, torch.cat([x_low, x_high], 1), x_low.shape[1],
+                                 model.grid)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert joint.count <= 0.65 * per_stream.count, (joint.count, per_stream.count)
 
 
 @pytest.mark.parametrize('img_size', [(64, 96), (96, 64)])

@@ -20,7 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import matmul_ops  # noqa: E402
-import models_mtvit  # noqa: E402
+import multi_scale  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ import models_mtvit  # noqa: E402
 def test_depthwise_as_matmul_equals_conv2d(kernel, dilation, grid):
     channels, batch = 5, 3
     torch.manual_seed(kernel * 100 + grid[0] * 10 + grid[1])
-    conv = models_mtvit.depthwise_conv(channels, kernel, dilation=dilation).double()
+    conv = multi_scale.depthwise_conv(channels, kernel, dilation=dilation).double()
     with torch.no_grad():
         conv.bias.normal_()
     assert tuple(conv.weight.shape) == (channels, 1, kernel, kernel)

@@ -18,6 +18,7 @@ from mtvit_reference import (LN_EPS, assert_reductions_equal, images, make_model
                              ref_forward, ref_merge, reduction_sizes, tiny_kwargs)
 
 import models_mtvit
+import multi_scale
 import timm
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -270,6 +271,26 @@ def test_multi_scale_any_even_grid_batch_1_matches_reference(img_size):
     assert reduction_sizes(reductions) == [(math.ceil(0.7 * n), n)]
     assert_reductions_equal(reductions, ref_reductions)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-10)
+
+
+def test_multi_scale_stochastic_depth_draws_per_sample_and_stream():
+    # The front end runs both streams through a block as one tensor; stochastic depth must still
+    # drop each stream of each sample on its own draw, as when the streams ran one by one.
+    block = models_mtvit.Block(8, 2, drop_path=0.5).train()
+    num_low, num_high, batch = 5, 17, 400
+    torch.manual_seed(0)
+    out = multi_scale.drop_path_streams(block, torch.ones(batch, num_low + num_high, 8), num_low)
+    low, high = out[:, :num_low], out[:, num_low:]
+    for stream in (low, high):
+        kept = stream[:, 0, 0]
+        assert set(kept.unique().tolist()) == {0., 2.}  # dropped, or kept and scaled by 1 / 0.5
+        assert (stream == kept[:, None, None]).all()  # one draw for the whole stream of a sample
+        assert 0.4 < (kept > 0).float().mean() < 0.6
+    both_kept = ((low[:, 0, 0] > 0) & (high[:, 0, 0] > 0)).float().mean()
+    assert 0.18 < both_kept < 0.32  # independent draws: about 0.25; one shared draw: 0.5
+    block.eval()
+    x = torch.randn(3, num_low + num_high, 8)
+    assert multi_scale.drop_path_streams(block, x, num_low) is x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""The multi-scale front end of MTViT (SPEC 1.3): blocks 0-2 on a full- and a half-resolution
+stream, with the same weights, then a fusion module that makes one full-resolution stream.
+
+The full-resolution stream attends on a 2x2-pooled copy of itself in blocks 1 and 2. The two
+streams run either one after the other (``run_per_stream``) or as one tensor
+(``run_two_scales``: each block's norms, projections and MLP once for both, half the launches),
+the same function; ``models_mtvit`` chooses by device.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+from matmul_ops import depthwise_as_matmul, depthwise_tap_placement
+
+MULTI_SCALE_BLOCKS = 3
+"""Blocks that run on both scales before the fusion module; reductions must come after them."""
+
+POOL = 2
+"""The low-resolution stream and the pooled attention work on a grid halved in each direction."""
+
+
+def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """2x2 average pooling (stride 2) of patch tokens laid out row-major on a grid.
+
+    Args:
+        patches: (B, gh * gw, C).
+        grid: (gh, gw), both even.
+    Returns:
+        (B, gh/2 * gw/2, C).
+    """
+    batch, _, dim = patches.shape
+    # A mean over the cells of a view: one reduction, whose backward is a broadcast (on an H100
+    # 0.27 ms less per batch of 256 than avg_pool2d forward, 1 ms less per training step).
+    cells = patches.reshape(batch, grid[0] // POOL, POOL, grid[1] // POOL, POOL, dim)
+    return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
+
+
+def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Nearest 2x upsampling of patch tokens: each token is repeated over its 2x2 cells.
+
+    Args:
+        patches: (B, gh * gw, C) on the small grid.
+        grid: (gh, gw), the small grid.
+    Returns:
+        (B, 2gh * 2gw, C), row-major on the doubled grid.
+    """
+    batch, _, dim = patches.shape
+    gh, gw = grid
+    cells = patches.reshape(batch, gh, 1, gw, 1, dim).expand(batch, gh, POOL, gw, POOL, dim)
+    return cells.reshape(batch, gh * POOL * gw * POOL, dim)
+
+
+def forward_pooled(block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """The full-resolution stream through ``block`` (an MTViT ``Block``), attention on a
+    2x2-pooled copy upsampled back (nearest), the MLP at full resolution.
+
+    Args: x (B, 1 + gh * gw, C); grid (gh, gw). Returns (B, 1 + gh * gw, C).
+    """
+    pooled = torch.cat([x[:, :1], pool_patch_grid(x[:, 1:], grid)], dim=1)
+    attn = block.drop_path(block.attn(block.norm1(pooled))[0])
+    x = torch.cat([x[:, :1] + attn[:, :1], add_upsampled(x[:, 1:], attn[:, 1:], grid)], dim=1)
+    return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
+def add_upsampled(patches: torch.Tensor, low: torch.Tensor, grid: Tuple[int, int]
+                  ) -> torch.Tensor:
+    """``patches`` (B, gh * gw, C) plus ``low`` (B, gh/2 * gw/2, C) upsampled (nearest), by
+    broadcasting over the 2x2 cells without materialising the upsampled copy."""
+    batch, _, dim = patches.shape
+    low_h, low_w = grid[0] // POOL, grid[1] // POOL
+    total = (patches.reshape(batch, low_h, POOL, low_w, POOL, dim)
+             + low.reshape(batch, low_h, 1, low_w, 1, dim))
+    return total.reshape(batch, -1, dim)
+
+
+def run_per_stream(blocks: Sequence[nn.Module], x_low: torch.Tensor, x_high: torch.Tensor,
+                   grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Blocks 0-2 on each stream, one stream after the other.
+
+    Args: x_low (B, L, C), L = 1 + gh/2 * gw/2; x_high (B, 1 + gh * gw, C); grid (gh, gw).
+    Returns both streams, in the same order and shapes.
+    """
+    for index, block in enumerate(blocks):
+        x_low = block(x_low)[0]
+        x_high = block(x_high)[0] if index == 0 else forward_pooled(block, x_high, grid)
+    return x_low, x_high
+
+
+def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, num_low: int,
+                   grid: Tuple[int, int]) -> torch.Tensor:
+    """Blocks 0-2 on both streams held as one tensor: ``run_per_stream``'s function with each
+    block's norms, projections and MLP run once over both streams. In block 0 attention runs
+    within each stream; in blocks 1 and 2, where both streams attend over L tokens, as one call
+    over 2B sequences. The streams never attend to each other, and stochastic depth draws once
+    per sample and stream, as when they ran one after the other.
+
+    Args:
+        x: (B, L + 1 + gh * gw, C): the low-resolution stream's L tokens, then the full one's.
+        num_low: L = 1 + gh/2 * gw/2.
+        grid: (gh, gw) of the full-resolution stream.
+    Returns:
+        (B, L + 1 + gh * gw, C).
+    """
+    batch, num_tokens, dim = x.shape
+    for index, block in enumerate(blocks):
+        if index == 0:
+            attn = block.attn.forward_segments(block.norm1(x), (num_low, num_tokens - num_low))
+            x = x + drop_path_streams(block, attn, num_low)
+        else:
+            low, high = x[:, :num_low], x[:, num_low:]
+            queries = torch.cat([low, high[:, :1], pool_patch_grid(high[:, 1:], grid)], dim=1)
+            attn = block.attn(block.norm1(queries).reshape(2 * batch, num_low, dim))[0]
+            attn = drop_path_streams(block, attn.reshape(batch, 2 * num_low, dim), num_low)
+            x = torch.cat([low + attn[:, :num_low], high[:, :1] + attn[:, num_low:num_low + 1],
+                           add_upsampled(high[:, 1:], attn[:, num_low + 1:], grid)], dim=1)
+        x = x + drop_path_streams(block, block.mlp(block.norm2(x)), num_low)
+    return x
+
+
+def drop_path_streams(block: nn.Module, x: torch.Tensor, num_low: int) -> torch.Tensor:
+    """``block``'s stochastic depth with one draw per sample and stream: x (B, N, C), the first
+    ``num_low`` tokens one stream, the rest the other."""
+    if not (block.training and isinstance(block.drop_path, DropPath)):
+        return x
+    return torch.cat([block.drop_path(stream) for stream in x.split(
+        [num_low, x.shape[1] - num_low], dim=1)], dim=1)
+
+
+DENSE_DEPTHWISE_MAX_CELLS = 576
+"""Largest patch grid (gh * gw cells, 24 x 24: 384 pixels at patch 16) whose fusion convolutions
+run as per-channel matrix products on CUDA: the matrices take C * (gh * gw)^2 elements (29 MB
+in half precision for MTViT-S at 224, 255 MB at 384), the tap placements 58 * (gh * gw)^2."""
+
+
+def depthwise_conv(dim: int, kernel_size: int, dilation: int = 1) -> nn.Conv2d:
+    """Depthwise conv with bias that keeps the spatial size."""
+    return nn.Conv2d(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                     dilation=dilation, groups=dim)
+
+
+class LargeKernelConv(nn.Module):
+    """Depthwise 3x3, depthwise 7x7 dilated by 2, then pointwise 1x1: a large receptive field
+    at a small cost. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv0 = depthwise_conv(dim, 3)
+        self.conv_spatial = depthwise_conv(dim, 7, dilation=2)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.conv_spatial(self.conv0(x)))
+
+
+class ScaleFusion(nn.Module):
+    """Fuses the low- and full-resolution streams into one full-resolution stream (SPEC 1.3).
+
+    Two implementations of the same function: convolutions on a (B, C, gh, gw) view of the
+    tokens (CPU, and large grids), and per-channel matrix products on channel-major tokens
+    (CUDA, where half-precision depthwise convolutions and their layout transforms cost more
+    than the rest of the front end). ``dense_depthwise`` forces one (None: by device); traced
+    models (the FLOP counters) always get the convolutions.
+    """
+
+    def __init__(self, dim: int, grid: Tuple[int, int], dense_depthwise: Optional[bool] = None):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.lka = LargeKernelConv(dim)
+        self.peg = depthwise_conv(dim, 3)
+        self.dense_depthwise = dense_depthwise
+        small = large = None
+        fits = self.grid[0] * self.grid[1] <= DENSE_DEPTHWISE_MAX_CELLS
+        if dense_depthwise and not fits:
+            raise ValueError(f'dense_depthwise: a {self.grid[0]}x{self.grid[1]} patch grid is over '
+                             f'the {DENSE_DEPTHWISE_MAX_CELLS} cells the matrices are built for')
+        if fits and dense_depthwise is not False:
+            # conv0 and peg share the 3x3 placement; each conv's own size and dilation decide.
+            small, large = (depthwise_tap_placement(self.grid, conv.kernel_size[0],
+                                                    dilation=conv.dilation[0])
+                            for conv in (self.lka.conv0, self.lka.conv_spatial))
+        # Constants of the grid, not weights: kept out of checkpoints.
+        self.register_buffer('placement_3x3', small, persistent=False)
+        self.register_buffer('placement_7x7_dilated', large, persistent=False)
+
+    def _use_dense(self, x: torch.Tensor) -> bool:
+        if self.dense_depthwise is not None:
+            return self.dense_depthwise
+        return x.is_cuda and self.placement_3x3 is not None and not torch.jit.is_tracing()
+
+    def forward(self, x_high: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
+        """Args: x_high (B, 1 + gh * gw, C); x_low (B, 1 + gh/2 * gw/2, C).
+        Returns (B, 1 + gh * gw, C)."""
+        fuse = self._fuse_dense if self._use_dense(x_high) else self._fuse_conv
+        cls_token = x_high[:, :1] + x_low[:, :1]
+        return torch.cat([cls_token, fuse(x_high[:, 1:], x_low[:, 1:])], dim=1)
+
+    def _fuse_conv(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), through nn.Conv2d."""
+        batch, _, dim = high.shape
+        low_grid = (self.grid[0] // POOL, self.grid[1] // POOL)
+        to_map = (batch, self.grid[0], self.grid[1], dim)
+        u = upsample_patch_grid(low, low_grid).reshape(to_map).permute(0, 3, 1, 2)
+        u = u + self.lka(u)
+        u = u + high.reshape(to_map).permute(0, 3, 1, 2)
+        u = u + self.peg(u)
+        return u.flatten(2).transpose(1, 2)
+
+    def _fuse_dense(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), as matrix products."""
+        batch, _, dim = high.shape
+        low_h, low_w = self.grid[0] // POOL, self.grid[1] // POOL
+        # Channel-major (C, B, P), upsampled (nearest) in the same copy.
+        u = (low.permute(2, 0, 1).reshape(dim, batch, low_h, 1, low_w, 1)
+             .expand(dim, batch, low_h, POOL, low_w, POOL).reshape(dim, batch, -1))
+        lka = self.lka
+        t = depthwise_as_matmul(u, lka.conv0, self.placement_3x3)
+        t = depthwise_as_matmul(t, lka.conv_spatial, self.placement_7x7_dilated)
+        t = torch.addmm(lka.conv1.bias[:, None], lka.conv1.weight.flatten(1), t.reshape(dim, -1))
+        u = u + t.reshape(dim, batch, -1)
+        u = u + high.permute(2, 0, 1)
+        u = u + depthwise_as_matmul(u, self.peg, self.placement_3x3)
+        return u.permute(1, 2, 0)
