@@ -7,8 +7,7 @@
    functions themselves: tests/test_matmul_ops.py).
 3. ``MTViT.token_counts``: ``tokens=model.token_counts(rate)`` is ``keep_rate=rate``.
 4. bf16 autocast on CPU against float32.
-5. torch.compile (inductor, CPU): same logits as eager, at most 3 graphs over a keep-rate sweep.
-6. ``utils.check_finite_losses``, ``engine.reduction_kwargs``, and ``engine.train_one_epoch``
+5. ``utils.check_finite_losses``, ``engine.reduction_kwargs``, and ``engine.train_one_epoch``
    reading the losses on the host only at progress lines.
 
 Run: ``python -m pytest tests/test_fast_paths.py -q`` from the repository root.
@@ -406,46 +405,7 @@ def test_bf16_autocast_with_reductions(multi_scale, dense):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. torch.compile (inductor, CPU)
-# ---------------------------------------------------------------------------------------------
-
-def test_compile_matches_eager_and_token_counts_bound_recompilations():
-    from torch._dynamo.utils import counters
-    # The smallest multi-scale model with 2 reductions after the front end.
-    model = make_model(seed=41, double=False, **tiny_kwargs(
-        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), embed_dim=32, num_heads=2,
-        base_keep_rate=0.5, multi_scale=True))
-    x = images(2, 64, seed=41, double=False)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compiled = torch.compile(model, fullgraph=True)
-        graphs = []
-        for rate in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):
-            counts = model.token_counts(rate)
-            with torch.no_grad():
-                eager = model(x, tokens=counts)
-                got = compiled(x, tokens=counts)
-            torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4,
-                                       msg=lambda m, rate=rate: f'rate {rate}: {m}')
-            graphs.append(counters['stats']['unique_graphs'])
-        assert model.token_counts(0.5) == [None, None, None, 8, 4]
-        # One graph without reduction, one with the first counts, one with dynamic counts.
-        assert graphs[-1] <= 3, f'graphs after each rate: {graphs}'
-        assert graphs[0] == 1
-        # The CUDA paths (matrix-product embeddings, resize and fusion) compile too.
-        torch._dynamo.reset()
-        model.matmul_embed = model.up.dense_depthwise = True
-        with torch.no_grad():
-            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x),
-                                       rtol=1e-4, atol=1e-4)
-    finally:
-        torch._dynamo.reset()
-        counters.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Loss checks and the training loop
+# 5. Loss checks and the training loop
 # ---------------------------------------------------------------------------------------------
 
 def test_check_finite_losses_returns_floats():
