@@ -4,19 +4,10 @@ rather than compiled.
 
 Run: ``python -m pytest tests/test_compile.py -q`` from the repository root.
 """
-import os
-import sys
-
 import torch
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-for path in (REPO, TESTS):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import token_merging  # noqa: E402
-from mtvit_reference import images, make_model, tiny_kwargs  # noqa: E402
+import token_merging
+from mtvit_reference import images, make_model, tiny_kwargs
 
 
 
