@@ -4,7 +4,8 @@ On CUDA, cuDNN runs MTViT's patch-embedding convolution and the fusion's depthwi
 in half precision as slow generic kernels, and ``F.interpolate`` as a slow bilinear kernel; as
 matrix products they run on the tensor cores, and so do their gradients. Each function here
 computes the same function as the operation it replaces (tests/test_fast_paths.py checks each
-against it and against the float64 reference); ``models_mtvit`` chooses which runs.
+against it and against the float64 reference); ``models_mtvit`` and ``multi_scale`` choose which
+runs.
 """
 from typing import List, Sequence, Tuple
 
@@ -32,8 +33,7 @@ def embed_patches_as_matmul(images: Sequence[torch.Tensor], proj: nn.Conv2d
     """Patch embeddings (conv with kernel = stride = patch, no padding) of one or more images
     as one matrix product of all their patches with the flattened kernel: on CUDA, cuDNN runs
     this convolution in half precision as a slow implicit GEMM (1.25 ms of 14 for MTViT-S at
-    batch 256 on an H100), and one product for both scales of the multi-scale front end is one
-    launch instead of two.
+    batch 256 on an H100); for both scales of the multi-scale front end, one product.
 
     Args:
         images: (B, C_in, H_i, W_i) each, sides multiples of the patch.
@@ -42,14 +42,15 @@ def embed_patches_as_matmul(images: Sequence[torch.Tensor], proj: nn.Conv2d
         (B, H_i/p * W_i/p, C) per image, patches row-major, as ``PatchEmbed`` gives them.
     """
     patch = proj.kernel_size[0]
-    patches = []
-    for image in images:
-        batch, chans, height, width = image.shape
-        patches.append(image.reshape(batch, chans, height // patch, patch, width // patch, patch)
-                       .permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, chans * patch * patch))
-    joint = patches[0] if len(patches) == 1 else torch.cat(patches, dim=1)
-    embedded = F.linear(joint, proj.weight.flatten(1), proj.bias)
-    return list(embedded.split([part.shape[1] for part in patches], dim=1))
+    batch, chans = images[0].shape[:2]
+    grids = [(image.shape[2] // patch, image.shape[3] // patch) for image in images]
+    counts = [rows * cols for rows, cols in grids]
+    # Each image's patches copied once, straight into their rows of one matrix.
+    patches = images[0].new_empty(batch, sum(counts), chans * patch * patch)
+    for image, (rows, cols), part in zip(images, grids, patches.split(counts, dim=1)):
+        part.view(batch, rows, cols, chans, patch, patch).copy_(
+            image.reshape(batch, chans, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5))
+    return list(F.linear(patches, proj.weight.flatten(1), proj.bias).split(counts, dim=1))
 
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:

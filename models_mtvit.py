@@ -314,9 +314,8 @@ class MTViT(nn.Module):
         x = to_autocast_dtype(x)  # once, for both embeddings and the resize
         low_res = self.resize_rows.to(x.dtype) @ x @ self.resize_cols.to(x.dtype).t()
         # Both streams as one tensor, the low-resolution one first: half the launches.
-        x = self._embed([low_res, x], self.pos_embed_list)
+        x = run_two_scales(blocks, self._embed([low_res, x], self.pos_embed_list), self.grid)
         num_low = self.pos_embed_list[0].shape[1]
-        x = run_two_scales(blocks, x, num_low, self.grid)
         return self.up(x[:, num_low:], x[:, :num_low])
 
     def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None

@@ -10,7 +10,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from matmul_ops import depthwise_as_matmul, depthwise_tap_placement
 
@@ -88,8 +87,8 @@ def run_per_stream(blocks: Sequence[nn.Module], x_low: torch.Tensor, x_high: tor
     return x_low, x_high
 
 
-def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, num_low: int,
-                   grid: Tuple[int, int]) -> torch.Tensor:
+def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int, int]
+                   ) -> torch.Tensor:
     """Blocks 0-2 on both streams held as one tensor: ``run_per_stream``'s function with each
     block's norms, projections and MLP run once over both streams. In block 0 attention runs
     within each stream; in blocks 1 and 2, where both streams attend over L tokens, as one call
@@ -97,13 +96,17 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, num_low: int,
     per sample and stream, as when they ran one after the other.
 
     Args:
-        x: (B, L + 1 + gh * gw, C): the low-resolution stream's L tokens, then the full one's.
-        num_low: L = 1 + gh/2 * gw/2.
+        x: (B, L + 1 + gh * gw, C): the low-resolution stream's L = 1 + gh/2 * gw/2 tokens,
+            then the full one's.
         grid: (gh, gw) of the full-resolution stream.
     Returns:
         (B, L + 1 + gh * gw, C).
     """
     batch, num_tokens, dim = x.shape
+    num_low = 1 + (grid[0] // POOL) * (grid[1] // POOL)
+    if num_tokens != num_low + 1 + grid[0] * grid[1]:
+        raise ValueError(f'{num_tokens} tokens are not the two streams of a {grid[0]}x{grid[1]} '
+                         f'grid ({num_low} + {1 + grid[0] * grid[1]})')
     for index, block in enumerate(blocks):
         if index == 0:
             attn = block.attn.forward_segments(block.norm1(x), (num_low, num_tokens - num_low))
@@ -122,10 +125,15 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, num_low: int,
 def drop_path_streams(block: nn.Module, x: torch.Tensor, num_low: int) -> torch.Tensor:
     """``block``'s stochastic depth with one draw per sample and stream: x (B, N, C), the first
     ``num_low`` tokens one stream, the rest the other."""
-    if not (block.training and isinstance(block.drop_path, DropPath)):
+    if not block.training or isinstance(block.drop_path, nn.Identity):
         return x
-    return torch.cat([block.drop_path(stream) for stream in x.split(
-        [num_low, x.shape[1] - num_low], dim=1)], dim=1)
+    batch, num_tokens, _ = x.shape
+    # The block's own DropPath applied to ones for 2B samples: its factor (0, or 1 / keep
+    # probability) for each sample's two streams, in one draw.
+    factor = block.drop_path(x.new_ones(2 * batch, 1, 1)).view(batch, 2, 1)
+    per_token = torch.cat([factor[:, :1].expand(-1, num_low, -1),
+                           factor[:, 1:].expand(-1, num_tokens - num_low, -1)], dim=1)
+    return x * per_token
 
 
 DENSE_DEPTHWISE_MAX_CELLS = 576

@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
 # drifts with its clock: several rounds and their median say more than one long one).
@@ -100,6 +102,36 @@ def count_macs(model: nn.Module, input_size: int, device: torch.device = torch.d
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         return float(profile_macs(model, image))
+
+
+class KernelOps(TorchDispatchMode):
+    """Counts the operations that run a kernel: those that write new memory (allocations
+    alone excluded) or write in place; views and other changes of metadata are free. On a GPU
+    each is at least one launch, which bounds small batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        writes_new = any(t.untyped_storage().data_ptr() not in inputs
+                         for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        self.count += (writes_new and 'empty' not in name) or name.endswith('_')
+        return out
+
+
+def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,
+                     amp_dtype: Optional[torch.dtype] = None) -> int:
+    """``KernelOps`` of one eval-mode forward of one image, under ``amp_dtype`` autocast."""
+    model.eval()
+    image = torch.randn(1, 3, input_size, input_size, device=device)
+    with torch.no_grad(), _autocast(device, amp_dtype), KernelOps() as ops:
+        model(image)
+    return ops.count
 
 
 def synchronize(device: torch.device):
@@ -317,6 +349,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='rounds; the median is reported')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
+    parser.add_argument('--count-ops', action='store_true',
+                        help='also print the kernel-running operations of one forward at batch 1 '
+                             '(under --amp; each a launch on a GPU)')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='also print (and record) the N ops each model\'s step spends most '
                              'time in, per step, from torch.profiler (on a GPU also the N CUDA '
@@ -489,6 +524,10 @@ def main(args: argparse.Namespace) -> List[dict]:
             print(f'{spec}: {count_flops(model, args.input_size, device) / 1e9:.3f} GFLOPs '
                   f'(fvcore), {count_macs(model, args.input_size, device) / 1e9:.3f} GMACs '
                   f'(torchprofile)')
+    if args.count_ops:
+        for spec, model in models.items():
+            print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'
+                  f' kernel-running operations per forward (batch 1, amp {args.amp})')
     if args.compile:
         models = {spec: torch.compile(model) for spec, model in models.items()}
     batch_sizes = args.batch_size or [defaults['batch_size']]

@@ -248,3 +248,28 @@ def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
     for row in rows:
         assert re.search(rf'^ +cpu +{row["ms_per_step"]:.3f} ms +{row["calls_per_step"]:.1f}x  '
                          rf'{re.escape(row["name"])}$', result.stdout, re.MULTILINE), result.stdout
+
+
+def test_kernel_ops_counts_writes_not_views_or_allocations():
+    import speed_test
+    x = torch.randn(4, 6)
+    with speed_test.KernelOps() as ops:
+        x.view(6, 4).t()[:, :2].unsqueeze(0).expand(3, -1, -1)  # views: free
+        torch.empty(3)  # an allocation alone: no kernel
+        y = x + 1  # new memory
+        y.mul_(2)  # in place
+        x.t().contiguous()  # a copy
+    assert ops.count == 3
+
+
+def test_speed_test_counts_operations_per_block():
+    # Each of DeiT's blocks runs the same operations: depth 3 adds to depth 2 what 2 adds to 1.
+    result = run_speed_test(*(f'deit_small_patch16_224:depth={depth}' for depth in (1, 2, 3)),
+                            '--input-size', '32', '--count-ops', '--batch-size', '1',
+                            '--iterations', '1', '--repeats', '1', '--warmup', '0')
+    assert result.returncode == 0, result.stderr
+    counts = [int(count) for count in re.findall(
+        r'^deit_small_patch16_224:depth=\d: (\d+) kernel-running operations per forward '
+        r'\(batch 1, amp none\)$', result.stdout, re.MULTILINE)]
+    assert len(counts) == 3, result.stdout
+    assert counts[2] - counts[1] == counts[1] - counts[0] > 5

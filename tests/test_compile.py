@@ -10,7 +10,6 @@ import token_merging
 from mtvit_reference import images, make_model, tiny_kwargs
 
 
-
 def test_compile_matches_eager_and_token_counts_bound_recompilations():
     from torch._dynamo.utils import counters
     # The smallest multi-scale model with 2 reductions after the front end.

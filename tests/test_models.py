@@ -293,6 +293,29 @@ def test_multi_scale_stochastic_depth_draws_per_sample_and_stream():
     assert multi_scale.drop_path_streams(block, x, num_low) is x
 
 
+def test_two_scales_route_stochastic_depth_per_stream(monkeypatch):
+    # The joint front end must send every residual branch through drop_path_streams (one draw
+    # per sample and stream), never through the block's DropPath over both streams at once.
+    model = make_model(seed=6, train=True, **tiny_kwargs(
+        patch_size=16, img_size=64, drop_loc=(3,), base_keep_rate=0.6, multi_scale=True,
+        drop_path_rate=0.3))
+    calls = []
+
+    def recording(block, x, num_low):
+        calls.append((x.shape[1], num_low))
+        return x
+
+    monkeypatch.setattr(multi_scale, 'drop_path_streams', recording)
+    for block in model.blocks:
+        monkeypatch.setattr(block, 'drop_path', None)  # called directly, it would raise
+    num_low, num_tokens = 1 + 2 * 2, 1 + 2 * 2 + 1 + 4 * 4
+    tokens = torch.randn(2, num_tokens, 32, dtype=torch.float64)
+    out = multi_scale.run_two_scales(model.blocks[:multi_scale.MULTI_SCALE_BLOCKS], tokens, (4, 4))
+    assert out.shape == tokens.shape
+    attention, mlp = (2 * num_low, num_low), (num_tokens, num_low)
+    assert calls == [(num_tokens, num_low), mlp, attention, mlp, attention, mlp]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Per-call keep_rate and tokens
 # ---------------------------------------------------------------------------------------------
