@@ -241,6 +241,14 @@ def test_torchrun_dist_eval_matches_single_process_eval(tmp_path):
     assert accuracy_lines(evaluation.stdout) == [(str(DIGITS_VAL),
                                                   f'{float(dist_acc1[-1]):.1f}')]
 
+    # --compile: the same evaluation through torch.compile (the reductions at the checkpoint's
+    # keep rate, the sort called rather than compiled); a near-tie may flip one prediction.
+    compiled = run(main_py('--data-set', 'DIGITS', '--model', 'deit_tiny_patch16_shrink_base',
+                           '--batch-size', '32', '--device', 'cpu', '--num_workers', '1',
+                           '--eval', '--compile', '--resume', out / 'checkpoint.pth'))
+    [compiled_acc1] = acc1_lines(compiled.stdout)
+    assert abs(float(compiled_acc1) - float(dist_acc1[-1])) <= 100 / DIGITS_VAL + 1e-3
+
 
 # ---------------------------------------------------------------------------------------------
 # 3. Finetuning MTViT-T multi-scale at 64x64 from timm DeiT-Tiny weights
