@@ -273,3 +273,38 @@ def test_speed_test_counts_operations_per_block():
         r'\(batch 1, amp none\)$', result.stdout, re.MULTILINE)]
     assert len(counts) == 3, result.stdout
     assert counts[2] - counts[1] == counts[1] - counts[0] > 5
+
+
+def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
+    # The README's GPU table, shrunk to tiny models on the CPU: compile times (each in a fresh
+    # process), then every row of the table, eager and compiled, all recorded in the JSON.
+    import speed_test
+    tiny = 'deit_tiny_patch16_shrink_base:depth=4:embed_dim=32:num_heads=2:drop_loc=[3]'
+    specs = ('deit_tiny_patch16_224:depth=4:embed_dim=32:num_heads=2',
+             f'{tiny}:multi_scale=true:base_keep_rate=0.5', f'{tiny}:base_keep_rate=0.5',
+             f'{tiny}:base_keep_rate=1.0')
+    monkeypatch.setattr(speed_test, 'SUITE_MODELS', specs)
+    monkeypatch.setattr(speed_test, 'COMPILE_TIME_MODELS', specs[:2])
+    monkeypatch.setattr(speed_test, 'GPU_SUITE', (('inference', 'fp16', (1, 2), False),
+                                                  ('train', 'bf16', (2,), False),
+                                                  ('inference', 'fp16', (2,), True)))
+    path = tmp_path / 'suite.json'
+    records = speed_test.main(speed_test.get_args_parser().parse_args([
+        '--suite', 'gpu', '--device', 'cpu', '--input-size', '32', '--iterations', '1',
+        '--warmup', '0', '--repeats', '1', '--json', str(path)]))
+    assert json.loads(path.read_text())['records'] == json.loads(json.dumps(records))
+    compile_rows = [r for r in records if r['mode'] == 'compile']
+    assert [r['model'] for r in compile_rows] == list(specs[:2])
+    assert all(r['compile_s'] > 0 for r in compile_rows)
+    rows = {}
+    for record in records[len(compile_rows):]:
+        key = (record['mode'], record['amp'], record['batch_size'], record['compiled'])
+        rows.setdefault(key, []).append(record['model'])
+    assert rows == {('inference', 'fp16', 1, False): list(specs),
+                    ('inference', 'fp16', 2, False): list(specs),
+                    ('train', 'bf16', 2, False): list(specs),
+                    ('inference', 'fp16', 2, True): list(specs[:3])}
+    for record in records[len(compile_rows):]:
+        assert record['images_per_s'] > 0
+        assert ('latency_ms' in record) == (record['batch_size'] == 1)
+        assert ('first_step_s' in record) == record['compiled']
