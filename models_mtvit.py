@@ -303,20 +303,20 @@ class MTViT(nn.Module):
     def _multi_scale_front(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the first blocks on both scales and fuses them. (B, 3, H, W) -> (B, 1 + N, C)."""
         blocks = self.blocks[:MULTI_SCALE_BLOCKS]
-        if not self._use_matmul(x):
+        if self._use_matmul(x):
+            x = to_autocast_dtype(x)  # once, for both embeddings and the resize
+            low_res = self.resize_rows.to(x.dtype) @ x @ self.resize_cols.to(x.dtype).t()
+            # Both streams as one tensor, the low-resolution one first: half the launches.
+            x_low, x_high = run_two_scales(
+                blocks, self._embed([low_res, x], self.pos_embed_list), self.grid)
+        else:
             low_res = F.interpolate(x, size=(x.shape[2] // POOL, x.shape[3] // POOL),
                                     mode='bilinear', align_corners=True)
             # One stream after the other: on the CPU the joint tensors' larger allocations cost
             # more (page faults) than the operations saved (MTViT-S's front end: 5% at batch 32).
             x_low, x_high = run_per_stream(blocks, self._embed([low_res], self.pos_embed_list[:1]),
                                            self._embed([x], self.pos_embed_list[1:]), self.grid)
-            return self.up(x_high, x_low)
-        x = to_autocast_dtype(x)  # once, for both embeddings and the resize
-        low_res = self.resize_rows.to(x.dtype) @ x @ self.resize_cols.to(x.dtype).t()
-        # Both streams as one tensor, the low-resolution one first: half the launches.
-        x = run_two_scales(blocks, self._embed([low_res, x], self.pos_embed_list), self.grid)
-        num_low = self.pos_embed_list[0].shape[1]
-        return self.up(x[:, num_low:], x[:, :num_low])
+        return self.up(x_high, x_low)
 
     def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None
                          ) -> Tuple[torch.Tensor, List[Reduction]]:

@@ -88,7 +88,7 @@ def run_per_stream(blocks: Sequence[nn.Module], x_low: torch.Tensor, x_high: tor
 
 
 def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int, int]
-                   ) -> torch.Tensor:
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Blocks 0-2 on both streams held as one tensor: ``run_per_stream``'s function with each
     block's norms, projections and MLP run once over both streams. In block 0 attention runs
     within each stream; in blocks 1 and 2, where both streams attend over L tokens, as one call
@@ -100,7 +100,7 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
             then the full one's.
         grid: (gh, gw) of the full-resolution stream.
     Returns:
-        (B, L + 1 + gh * gw, C).
+        the two streams as ``run_per_stream`` returns them: (B, L, C), (B, 1 + gh * gw, C).
     """
     batch, num_tokens, dim = x.shape
     num_low = 1 + (grid[0] // POOL) * (grid[1] // POOL)
@@ -119,7 +119,7 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
             x = torch.cat([low + attn[:, :num_low], high[:, :1] + attn[:, num_low:num_low + 1],
                            add_upsampled(high[:, 1:], attn[:, num_low + 1:], grid)], dim=1)
         x = x + drop_path_streams(block, block.mlp(block.norm2(x)), num_low)
-    return x
+    return x[:, :num_low], x[:, num_low:]
 
 
 def drop_path_streams(block: nn.Module, x: torch.Tensor, num_low: int) -> torch.Tensor:

@@ -310,8 +310,9 @@ def test_two_scales_route_stochastic_depth_per_stream(monkeypatch):
         monkeypatch.setattr(block, 'drop_path', None)  # called directly, it would raise
     num_low, num_tokens = 1 + 2 * 2, 1 + 2 * 2 + 1 + 4 * 4
     tokens = torch.randn(2, num_tokens, 32, dtype=torch.float64)
-    out = multi_scale.run_two_scales(model.blocks[:multi_scale.MULTI_SCALE_BLOCKS], tokens, (4, 4))
-    assert out.shape == tokens.shape
+    low, high = multi_scale.run_two_scales(model.blocks[:multi_scale.MULTI_SCALE_BLOCKS], tokens,
+                                           (4, 4))
+    assert low.shape == (2, num_low, 32) and high.shape == (2, num_tokens - num_low, 32)
     attention, mlp = (2 * num_low, num_low), (num_tokens, num_low)
     assert calls == [(num_tokens, num_low), mlp, attention, mlp, attention, mlp]
 
