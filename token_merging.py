@@ -89,20 +89,21 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
     return cls_logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
 
 
-@torch.library.custom_op('mtvit::descending_order', mutates_args=())
-def descending_order(scores: torch.Tensor) -> torch.Tensor:
-    """``torch.argsort(scores, dim=1, descending=True, stable=True)`` as an operation that
-    torch.compile calls rather than compiles.
-
-    Inductor turns a sort of up to 512 elements into a Triton bitonic-sort kernel, into which
-    the class attention's softmax and mean fuse; for MTViT-S those kernels took about 90 of the
-    104 s its Triton kernels took to compile for an H100 (one thread), DeiT-S's all of them 2 s.
-    Through this operation the compiled model runs aten's sort kernel and compiles nothing for
-    it. Eager code calls ``torch.argsort`` directly (``ranked_patches``).
-
-    Args: scores (B, N). Returns (B, N) int64 indices, descending, ties: the earlier first.
-    """
+def _argsort_descending(scores: torch.Tensor) -> torch.Tensor:
+    """(B, N) scores -> (B, N) int64 indices, descending, ties: the earlier first."""
     return torch.argsort(scores, dim=1, descending=True, stable=True)
+
+
+descending_order = torch.library.custom_op('mtvit::descending_order', mutates_args=())(
+    _argsort_descending)
+"""``_argsort_descending`` as an operation that torch.compile calls rather than compiles.
+
+Inductor turns a sort of up to 512 elements into a Triton bitonic-sort kernel, into which the
+class attention's softmax and mean fuse; for MTViT-S those kernels took about 90 of the 104 s its
+Triton kernels took to compile for an H100 (one thread), DeiT-S's all of them 2 s. Through this
+operation the compiled model runs aten's sort kernel and compiles nothing for it. Eager code
+calls ``_argsort_descending`` directly (``ranked_patches``).
+"""
 
 
 @descending_order.register_fake
@@ -118,7 +119,7 @@ def ranked_patches(cls_attention: torch.Tensor) -> torch.Tensor:
     # Exported graphs (ONNX) keep the plain sort, which exporters translate.
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return descending_order(cls_attention.detach())
-    return torch.argsort(cls_attention, dim=1, descending=True, stable=True)
+    return _argsort_descending(cls_attention)
 
 
 def merge_tokens(
