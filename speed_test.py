@@ -13,7 +13,9 @@ A model is ``name`` or ``name:key=value[:key=value...]`` with JSON values (``tru
 ``[3,6,9]``), passed to ``timm.create_model``. ``--amp``, ``--compile``, ``--channels-last``
 and several ``--batch-size`` values (batch 1 gives the latency) select what is measured;
 ``--json`` records every figure with the device, the library versions and the settings;
-``--profile N`` lists the N ops (and on a GPU the N kernels) each model's step spends most time in.
+``--profile N`` lists the N ops (and on a GPU the N kernels) each model's step spends most time in;
+``--count-ops`` and ``--roofline`` count what a forward would launch on a GPU and estimate its
+eager time on an H100, on any device (``op_costs``).
 """
 import argparse
 import json
@@ -32,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from op_costs import H100, count_kernel_ops, forward_costs
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
 # drifts with its clock: several rounds and their median say more than one long one).
@@ -43,6 +45,8 @@ GPU_DEFAULTS = dict(batch_size=64, iterations=30, warmup=10, repeats=5)
 # small model's figure is not a few milliseconds of timer noise; the median of SPEED_ROUNDS.
 ROUND_SECONDS = {'cpu': 1.0, 'cuda': 0.5}
 SPEED_ROUNDS = 5
+# --roofline's batch, as the README's GPU table.
+ROOFLINE_BATCH = 256
 AMP_DTYPES = {'none': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 GIB = 2 ** 30
 
@@ -102,36 +106,6 @@ def count_macs(model: nn.Module, input_size: int, device: torch.device = torch.d
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         return float(profile_macs(model, image))
-
-
-class KernelOps(TorchDispatchMode):
-    """Counts the operations that run a kernel: those that write new memory (allocations
-    alone excluded) or write in place; views and other changes of metadata are free. On a GPU
-    each is at least one launch, which bounds small batches."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        writes_new = any(t.untyped_storage().data_ptr() not in inputs
-                         for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        self.count += (writes_new and 'empty' not in name) or name.endswith('_')
-        return out
-
-
-def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,
-                     amp_dtype: Optional[torch.dtype] = None) -> int:
-    """``KernelOps`` of one eval-mode forward of one image, under ``amp_dtype`` autocast."""
-    model.eval()
-    image = torch.randn(1, 3, input_size, input_size, device=device)
-    with torch.no_grad(), _autocast(device, amp_dtype), KernelOps() as ops:
-        model(image)
-    return ops.count
 
 
 def synchronize(device: torch.device):
@@ -352,6 +326,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--count-ops', action='store_true',
                         help='also print the kernel-running operations of one forward at batch 1 '
                              '(under --amp; each a launch on a GPU)')
+    parser.add_argument('--roofline', action='store_true',
+                        help='also print the estimated eager time of one forward on an H100 at '
+                             f'the first --batch-size (default {ROOFLINE_BATCH}) under --amp, '
+                             'from the bytes and FLOPs of its operations (op_costs.py), and '
+                             'its ratio to the first model\'s; runs on any device')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='also print (and record) the N ops each model\'s step spends most '
                              'time in, per step, from torch.profiler (on a GPU also the N CUDA '
@@ -470,6 +449,23 @@ def measure_compile_time(spec: str, args, device: torch.device) -> float:
             return json.load(handle)['records'][0]['first_step_s']
 
 
+def print_roofline(models: Dict[str, nn.Module], args: argparse.Namespace,
+                   device: torch.device) -> List[float]:
+    """Prints each model's roofline estimate (see ``op_costs``); returns the seconds."""
+    batch_size = args.batch_size[0] if args.batch_size else ROOFLINE_BATCH
+    estimates = []
+    for spec, model in models.items():
+        costs = forward_costs(model, args.input_size, device, batch_size, AMP_DTYPES[args.amp])
+        seconds = H100.seconds(costs)
+        estimates.append(seconds)
+        print(f'{spec}: roofline {seconds * 1e3:.3f} ms per forward on an H100 (batch '
+              f'{batch_size}, amp {args.amp}; {len(costs)} operations, '
+              f'{sum(cost.bytes for cost in costs) / 1e9:.2f} GB, '
+              f'{sum(cost.flops for cost in costs) / 1e12:.3f} TFLOP), '
+              f'{estimates[0] / seconds:.3f}x the first', flush=True)
+    return estimates
+
+
 def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
     """The README's GPU table: with the compiled rows, the compile times; then the GPU_SUITE
     rows of ``--suite`` for SUITE_MODELS (the first three when compiled)."""
@@ -528,6 +524,8 @@ def main(args: argparse.Namespace) -> List[dict]:
         for spec, model in models.items():
             print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'
                   f' kernel-running operations per forward (batch 1, amp {args.amp})')
+    if args.roofline:
+        print_roofline(models, args, device)
     if args.compile:
         models = {spec: torch.compile(model) for spec, model in models.items()}
     batch_sizes = args.batch_size or [defaults['batch_size']]

@@ -151,25 +151,32 @@ def merge_tokens(
 
     # The choice of merge target is discrete: no gradient flows through the similarities.
     with torch.no_grad():
-        # Unit vectors in score order, kept ones first: one gather and one normalisation.
-        ranked = F.normalize(patches.gather(1, order.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
-        target = (ranked[:, num_keep:] @ ranked[:, :num_keep].transpose(1, 2)).argmax(dim=-1)
+        # Tokens in score order, kept ones first (one gather). Only the kept ones are normalised:
+        # a pruned token's length scales its whole row of similarities, so its argmax over the
+        # kept tokens is that of the cosine similarity, with one pass less over the tokens
+        # (and each product is at most the pruned token's length: no half-precision overflow).
+        ranked = patches.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+        kept_unit = F.normalize(ranked[:, :num_keep], dim=-1)
+        target = (ranked[:, num_keep:] @ kept_unit.transpose(1, 2)).argmax(dim=-1)
         kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
         assignment = torch.empty_like(order).scatter_(1, order,
                                                       torch.cat([kept_position, target], 1))
 
     # One scatter of every token, in input order, into the token it goes to (a kept token goes
     # to itself; a prefix token too, with weight 1, so it passes through exactly): no gathered
-    # copies on the gradient path, no strided views, no concatenation.
+    # copies on the gradient path, no strided views, no concatenation. The weights are divided
+    # by their destination's total first (small tensors), so that the scatter gives the means
+    # and no pass over the merged tokens divides them afterwards.
     weights = F.pad(cls_attention, (num_prefix_tokens, 0), value=1.)  # (B, P + N)
     destination = torch.cat([torch.arange(num_prefix_tokens, device=x.device).expand(
         batch, num_prefix_tokens), assignment + num_prefix_tokens], 1)  # (B, P + N)
-    weighted = x * weights.unsqueeze(-1)
-    weighted_sum = weighted.new_zeros(batch, num_prefix_tokens + num_keep, dim).scatter_add_(
-        1, destination.unsqueeze(-1).expand(-1, -1, dim), weighted)
     total = weights.new_zeros(batch, num_prefix_tokens + num_keep).scatter_add_(
         1, destination, weights)
-    return (weighted_sum / total.unsqueeze(-1)).to(x.dtype), kept_index, assignment
+    shares = weights / total.gather(1, destination)
+    weighted = x * shares.unsqueeze(-1)
+    merged = weighted.new_zeros(batch, num_prefix_tokens + num_keep, dim).scatter_add_(
+        1, destination.unsqueeze(-1).expand(-1, -1, dim), weighted)
+    return merged.to(x.dtype), kept_index, assignment
 
 
 def reduce_through(blocks: Sequence[nn.Module], x: torch.Tensor, keep_rates: Sequence,

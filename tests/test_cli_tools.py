@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import main  # noqa: E402
+import op_costs  # noqa: E402
 import models_mtvit  # noqa: E402,F401  (registers the MTViT models with timm)
 from checkpoints import save_checkpoint_atomic  # noqa: E402
 
@@ -251,15 +252,64 @@ def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
 
 
 def test_kernel_ops_counts_writes_not_views_or_allocations():
-    import speed_test
     x = torch.randn(4, 6)
-    with speed_test.KernelOps() as ops:
+    with op_costs.KernelOps() as ops:
         x.view(6, 4).t()[:, :2].unsqueeze(0).expand(3, -1, -1)  # views: free
         torch.empty(3)  # an allocation alone: no kernel
         y = x + 1  # new memory
         y.mul_(2)  # in place
         x.t().contiguous()  # a copy
     assert ops.count == 3
+
+
+def test_kernel_ops_bytes_and_flops():
+    x = torch.randn(4, 8)
+    linear = torch.nn.Linear(8, 16)
+    index = torch.tensor([[2], [0]]).expand(2, 16)  # broadcast along its last dimension
+    with torch.no_grad(), op_costs.KernelOps() as ops:
+        y = linear(x)  # addmm: bias 16, x 4x8, weight 8x16 read; 4x16 written
+        z = y + y[:1].expand(4, 16)  # the broadcast row is read once
+        z.gather(0, index)  # reads the 2x16 gathered values and the 2 indices only
+    linear_read = (16 + 32 + 128) * 4
+    assert [(cost.name, cost.bytes, cost.flops) for cost in ops.costs] == [
+        ('addmm', linear_read + 64 * 4, 2 * 4 * 8 * 16),
+        ('add', (64 + 16 + 64) * 4, 0),
+        ('gather', (32 + 32) * 4 + 2 * 8, 0)]
+    gpu = op_costs.RooflineGPU(bandwidth=1e3, matmul_flops=1e6, min_kernel_s=0.5)
+    # max(bytes / bandwidth, flops / peak, 0.5 s) per operation
+    assert gpu.seconds(ops.costs) == pytest.approx(0.96 + 0.576 + 0.5)
+    sdpa = torch.randn(2, 3, 5, 4)
+    with op_costs.KernelOps() as ops:
+        torch.nn.functional.scaled_dot_product_attention(sdpa, sdpa, sdpa)
+    fused = [cost for cost in ops.costs if 'scaled_dot_product' in cost.name]
+    assert len(fused) == 1 and fused[0].flops == 4 * sdpa.numel() * 5
+    assert fused[0].bytes == 4 * sdpa.numel() * 4  # q, k, v read and the output written
+
+
+def test_speed_test_roofline_ratio():
+    # A model with twice the blocks moves about twice the bytes: the estimates and their ratio
+    # as printed agree with op_costs called directly.
+    specs = [f'deit_small_patch16_224:depth={depth}:embed_dim=32:num_heads=2' for depth in (4, 2)]
+    result = run_speed_test(*specs, '--input-size', '32', '--roofline', '--batch-size', '8',
+                            '--iterations', '1', '--repeats', '1', '--warmup', '0')
+    assert result.returncode == 0, result.stderr
+    printed = re.findall(r'^(\S+): roofline ([\d.]+) ms per forward on an H100 \(batch 8, amp '
+                         r'none; (\d+) operations, [\d.]+ GB, [\d.]+ TFLOP\), ([\d.]+)x the first$',
+                         result.stdout, re.MULTILINE)
+    assert [row[0] for row in printed] == specs, result.stdout
+    import speed_test
+    direct = []
+    for spec, milliseconds, operations, _ in printed:
+        name, kwargs = speed_test.parse_model_spec(spec)
+        torch.manual_seed(0)
+        model = timm.create_model(name, img_size=32, **kwargs)
+        costs = op_costs.forward_costs(model, 32, torch.device('cpu'), batch_size=8)
+        direct.append(op_costs.H100.seconds(costs))
+        assert int(operations) == len(costs)
+        assert float(milliseconds) == pytest.approx(direct[-1] * 1e3, abs=5e-4)
+    ratio = float(printed[1][3])
+    assert ratio == pytest.approx(direct[0] / direct[1], abs=5e-3)
+    assert 1.6 < ratio < 2.1
 
 
 def test_speed_test_counts_operations_per_block():

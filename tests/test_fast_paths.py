@@ -30,7 +30,7 @@ for path in (REPO, TESTS):
 import engine  # noqa: E402
 import models_mtvit  # noqa: E402
 from multi_scale import MULTI_SCALE_BLOCKS, run_per_stream, run_two_scales  # noqa: E402
-from speed_test import KernelOps  # noqa: E402
+from op_costs import KernelOps  # noqa: E402
 import utils  # noqa: E402
 from mtvit_reference import (assert_reductions_equal, images, make_model, ref_forward,  # noqa: E402
                              reduction_sizes, tiny_kwargs)
