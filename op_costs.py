@@ -7,8 +7,8 @@ a launch; at large batches most of a ViT's kernels (norms, casts, residual addit
 bound by memory traffic, the matrix products by arithmetic. ``RooflineGPU.seconds`` takes, per
 operation, the larger of bytes / bandwidth and FLOPs / peak, and at least ``min_kernel_s``.
 With ``H100`` (constants fitted to one H100's eager fp16 figures at batch 256: DeiT-S 13.5 ms,
-MTViT-S single scale 10.6 ms, multi-scale 12.9 ms; estimated 13.5, 10.9 and 12.5 ms) it gives
-the ratios between models to within about 3%, without a GPU. It is an estimate of eager
+MTViT-S single scale 10.6 ms, multi-scale 12.9 ms; estimated 13.5, 10.8 and 12.4 ms) it gives
+the ratios between models to within about 4%, without a GPU. It is an estimate of eager
 kernels as PyTorch launches them: compiled (fused) code moves fewer bytes.
 """
 from dataclasses import dataclass
@@ -94,7 +94,9 @@ class KernelOps(TorchDispatchMode):
         if not ((writes_new and 'empty' not in name) or name.endswith('_')):
             return out
         written = sum(tensor_bytes(t) for t in outputs)
-        if name in GATHERS:
+        if name.startswith('new_') or name.endswith('_like'):
+            read = 0  # new_zeros, empty_like, ...: the input gives only the dtype and device
+        elif name in GATHERS:
             # Only the gathered rows of the source are read, and the indices.
             read = written + sum(tensor_bytes(t) for t in inputs[1:])
         elif 'scaled_dot_product' in name:

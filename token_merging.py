@@ -21,6 +21,8 @@ from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from matmul_ops import to_autocast_dtype
+
 __all__ = ['apply_mergence', 'class_attention', 'keep_count', 'keep_counts', 'merge_tokens',
            'per_block', 'reduce_through', 'MergingBlock', 'MergingVisionTransformer',
            'MergingVisionTransformerDistilled']
@@ -151,12 +153,17 @@ def merge_tokens(
 
     # The choice of merge target is discrete: no gradient flows through the similarities.
     with torch.no_grad():
-        # Tokens in score order, kept ones first (one gather). Only the kept ones are normalised:
-        # a pruned token's length scales its whole row of similarities, so its argmax over the
-        # kept tokens is that of the cosine similarity, with one pass less over the tokens
-        # (and each product is at most the pruned token's length: no half-precision overflow).
-        ranked = patches.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
-        kept_unit = F.normalize(ranked[:, :num_keep], dim=-1)
+        # Tokens in score order, kept ones first (one gather). Eagerly, in the precision
+        # autocast gives the product below, cast once first, so that the gather and the
+        # normalisation move half the bytes; compiled, inductor folds the cast into the kernels
+        # that read the gathered tokens, where a cast first would be written out in full.
+        # Only the kept ones are normalised: a pruned token's length scales its whole row of
+        # similarities, so its argmax over the kept tokens is that of the cosine similarity
+        # (and each product is at most that length: no half-precision overflow).
+        features = patches if torch.compiler.is_compiling() else to_autocast_dtype(patches)
+        ranked = features.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+        tiny = max(1e-12, torch.finfo(ranked.dtype).tiny)  # 1e-12 is 0 in half precision
+        kept_unit = F.normalize(ranked[:, :num_keep], dim=-1, eps=tiny)
         target = (ranked[:, num_keep:] @ kept_unit.transpose(1, 2)).argmax(dim=-1)
         kept_position = torch.arange(num_keep, device=x.device).expand(batch, num_keep)
         assignment = torch.empty_like(order).scatter_(1, order,

@@ -270,14 +270,16 @@ def test_kernel_ops_bytes_and_flops():
         y = linear(x)  # addmm: bias 16, x 4x8, weight 8x16 read; 4x16 written
         z = y + y[:1].expand(4, 16)  # the broadcast row is read once
         z.gather(0, index)  # reads the 2x16 gathered values and the 2 indices only
+        z.new_zeros(3, 5)  # writes only: z gives the dtype and device
     linear_read = (16 + 32 + 128) * 4
     assert [(cost.name, cost.bytes, cost.flops) for cost in ops.costs] == [
         ('addmm', linear_read + 64 * 4, 2 * 4 * 8 * 16),
         ('add', (64 + 16 + 64) * 4, 0),
-        ('gather', (32 + 32) * 4 + 2 * 8, 0)]
+        ('gather', (32 + 32) * 4 + 2 * 8, 0),
+        ('new_zeros', 15 * 4, 0)]
     gpu = op_costs.RooflineGPU(bandwidth=1e3, matmul_flops=1e6, min_kernel_s=0.5)
     # max(bytes / bandwidth, flops / peak, 0.5 s) per operation
-    assert gpu.seconds(ops.costs) == pytest.approx(0.96 + 0.576 + 0.5)
+    assert gpu.seconds(ops.costs) == pytest.approx(0.96 + 0.576 + 0.5 + 0.5)
     sdpa = torch.randn(2, 3, 5, 4)
     with op_costs.KernelOps() as ops:
         torch.nn.functional.scaled_dot_product_attention(sdpa, sdpa, sdpa)

@@ -387,6 +387,26 @@ def test_bf16_autocast_with_reductions(multi_scale, dense):
     assert error < 1e-2, f'bf16 relative error {error:.4f}'
 
 
+def test_mergence_gathers_similarity_tokens_in_half_precision():
+    # Under autocast the similarities' tokens are cast before the gather (half the bytes), with
+    # the merge itself in float32 and the same choices as in float32 on well-separated tokens.
+    gen = torch.Generator().manual_seed(8)
+    kept = F.normalize(torch.randn(2, 6, 32, generator=gen), dim=-1) * 4
+    pruned = kept[:, [3, 0, 5, 1]] + 0.2 * torch.randn(2, 4, 32, generator=gen)
+    x = torch.cat([torch.randn(2, 1, 32, generator=gen), kept, pruned], dim=1)
+    scores = torch.cat([torch.linspace(0.2, 0.1, 6), torch.full((4,), 0.01)]).expand(2, -1)
+    fp32 = models_mtvit.merge_tokens(x, scores, 6)
+    with torch.autocast('cpu', dtype=torch.bfloat16), KernelOps() as ops:
+        bf16 = models_mtvit.merge_tokens(x, scores, 6)
+    gathers = [cost for cost in ops.costs if cost.name == 'gather' and cost.bytes > 2 * 10 * 32]
+    assert len(gathers) == 1
+    # (2, 10, 32) tokens written and read at 2 bytes each, plus 2 x 10 int64 indices read
+    assert gathers[0].bytes == 2 * (2 * 10 * 32 * 2) + 2 * 10 * 8
+    assert bf16[2].tolist() == fp32[2].tolist() == [[0, 1, 2, 3, 4, 5, 3, 0, 5, 1]] * 2
+    assert bf16[0].dtype == torch.float32
+    torch.testing.assert_close(bf16[0], fp32[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Loss checks and the training loop
 # ---------------------------------------------------------------------------------------------
