@@ -57,9 +57,13 @@ def forward_pooled(block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> 
 
     Args: x (B, 1 + gh * gw, C); grid (gh, gw). Returns (B, 1 + gh * gw, C).
     """
-    pooled = torch.cat([x[:, :1], pool_patch_grid(x[:, 1:], grid)], dim=1)
-    attn = block.drop_path(block.attn(block.norm1(pooled))[0])
-    x = torch.cat([x[:, :1] + attn[:, :1], add_upsampled(x[:, 1:], attn[:, 1:], grid)], dim=1)
+    # Split, not sliced: the backward of a split is one concatenation of the pieces' gradients,
+    # where each slice's writes a zero-filled gradient of the whole input, summed after.
+    cls_token, patches = x.split([1, x.shape[1] - 1], dim=1)
+    pooled = torch.cat([cls_token, pool_patch_grid(patches, grid)], dim=1)
+    attn_cls, attn_patches = block.drop_path(block.attn(block.norm1(pooled))[0]).split(
+        [1, pooled.shape[1] - 1], dim=1)
+    x = torch.cat([cls_token + attn_cls, add_upsampled(patches, attn_patches, grid)], dim=1)
     return x + block.drop_path(block.mlp(block.norm2(x)))
 
 
@@ -104,7 +108,8 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
     """
     batch, num_tokens, dim = x.shape
     num_low = 1 + (grid[0] // POOL) * (grid[1] // POOL)
-    if num_tokens != num_low + 1 + grid[0] * grid[1]:
+    num_patches = grid[0] * grid[1]
+    if num_tokens != num_low + 1 + num_patches:
         raise ValueError(f'{num_tokens} tokens are not the two streams of a {grid[0]}x{grid[1]} '
                          f'grid ({num_low} + {1 + grid[0] * grid[1]})')
     for index, block in enumerate(blocks):
@@ -112,14 +117,18 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
             attn = block.attn.forward_segments(block.norm1(x), (num_low, num_tokens - num_low))
             x = x + drop_path_streams(block, attn, num_low)
         else:
-            low, high = x[:, :num_low], x[:, num_low:]
-            queries = torch.cat([low, high[:, :1], pool_patch_grid(high[:, 1:], grid)], dim=1)
+            # Split, not sliced, as in forward_pooled: one concatenation in the backward.
+            low, high_cls, high_patches = x.split([num_low, 1, num_patches], dim=1)
+            queries = torch.cat([low, high_cls, pool_patch_grid(high_patches, grid)], dim=1)
             attn = block.attn(block.norm1(queries).reshape(2 * batch, num_low, dim))[0]
-            attn = drop_path_streams(block, attn.reshape(batch, 2 * num_low, dim), num_low)
-            x = torch.cat([low + attn[:, :num_low], high[:, :1] + attn[:, num_low:num_low + 1],
-                           add_upsampled(high[:, 1:], attn[:, num_low + 1:], grid)], dim=1)
+            attn_low, attn_cls, attn_patches = drop_path_streams(
+                block, attn.reshape(batch, 2 * num_low, dim), num_low).split(
+                [num_low, 1, num_low - 1], dim=1)
+            x = torch.cat([low + attn_low, high_cls + attn_cls,
+                           add_upsampled(high_patches, attn_patches, grid)], dim=1)
         x = x + drop_path_streams(block, block.mlp(block.norm2(x)), num_low)
-    return x[:, :num_low], x[:, num_low:]
+    x_low, x_high = x.split([num_low, num_tokens - num_low], dim=1)
+    return x_low, x_high
 
 
 def drop_path_streams(block: nn.Module, x: torch.Tensor, num_low: int) -> torch.Tensor:
@@ -201,8 +210,9 @@ class ScaleFusion(nn.Module):
         """Args: x_high (B, 1 + gh * gw, C); x_low (B, 1 + gh/2 * gw/2, C).
         Returns (B, 1 + gh * gw, C)."""
         fuse = self._fuse_dense if self._use_dense(x_high) else self._fuse_conv
-        cls_token = x_high[:, :1] + x_low[:, :1]
-        return torch.cat([cls_token, fuse(x_high[:, 1:], x_low[:, 1:])], dim=1)
+        high_cls, high = x_high.split([1, x_high.shape[1] - 1], dim=1)
+        low_cls, low = x_low.split([1, x_low.shape[1] - 1], dim=1)
+        return torch.cat([high_cls + low_cls, fuse(high, low)], dim=1)
 
     def _fuse_conv(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """(B, P, C), (B, P/4, C) patch tokens -> (B, P, C), through nn.Conv2d."""

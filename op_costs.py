@@ -16,10 +16,11 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_kernel_ops', 'forward_costs',
+__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_kernel_ops', 'step_costs',
            'tensor_bytes']
 
 MATRIX_PRODUCTS = ('mm', 'addmm', 'bmm', 'baddbmm')
@@ -107,20 +108,26 @@ class KernelOps(TorchDispatchMode):
         return out
 
 
-def forward_costs(model: nn.Module, input_size: int, device: torch.device, batch_size: int = 1,
-                  amp_dtype: Optional[torch.dtype] = None) -> List[OpCost]:
-    """The ``KernelOps`` costs of one eval-mode forward of ``batch_size`` random images, under
-    ``amp_dtype`` autocast."""
-    model.eval()
+def step_costs(model: nn.Module, input_size: int, device: torch.device, batch_size: int = 1,
+               amp_dtype: Optional[torch.dtype] = None, train: bool = False) -> List[OpCost]:
+    """The ``KernelOps`` costs of one eval-mode forward of ``batch_size`` random images under
+    ``amp_dtype`` autocast; with ``train``, of a train-mode forward and its backward (a
+    cross-entropy loss; no optimizer), as ``speed_test``'s training step."""
+    model.train(train)
     images = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype,
                               enabled=amp_dtype is not None)
-    with torch.no_grad(), autocast, KernelOps() as ops:
-        model(images)
+    with torch.set_grad_enabled(train), KernelOps() as ops:
+        with autocast:
+            logits = model(images)
+        if train:
+            F.cross_entropy(logits, labels).backward()
+    model.zero_grad(set_to_none=True)
     return ops.costs
 
 
 def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,
                      amp_dtype: Optional[torch.dtype] = None) -> int:
     """Kernel-running operations of one eval-mode forward of one image, under ``amp_dtype``."""
-    return len(forward_costs(model, input_size, device, amp_dtype=amp_dtype))
+    return len(step_costs(model, input_size, device, amp_dtype=amp_dtype))

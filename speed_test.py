@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from op_costs import H100, count_kernel_ops, forward_costs
+from op_costs import H100, count_kernel_ops, step_costs
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
 # drifts with its clock: several rounds and their median say more than one long one).
@@ -327,8 +327,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='also print the kernel-running operations of one forward at batch 1 '
                              '(under --amp; each a launch on a GPU)')
     parser.add_argument('--roofline', action='store_true',
-                        help='also print the estimated eager time of one forward on an H100 at '
-                             f'the first --batch-size (default {ROOFLINE_BATCH}) under --amp, '
+                        help='also print the estimated eager time of one step (--mode: a '
+                             'forward, or a training step\'s forward and backward) on an H100 '
+                             f'at the first --batch-size (default {ROOFLINE_BATCH}) under --amp, '
                              'from the bytes and FLOPs of its operations (op_costs.py), and '
                              'its ratio to the first model\'s; runs on any device')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
@@ -450,19 +451,22 @@ def measure_compile_time(spec: str, args, device: torch.device) -> float:
 
 
 def print_roofline(models: Dict[str, nn.Module], args: argparse.Namespace,
-                   device: torch.device) -> List[float]:
-    """Prints each model's roofline estimate (see ``op_costs``); returns the seconds."""
+                   device: torch.device) -> Dict[str, List[float]]:
+    """Prints each model's roofline estimate (see ``op_costs``) for each ``--mode``; returns
+    mode -> the seconds, in model order."""
     batch_size = args.batch_size[0] if args.batch_size else ROOFLINE_BATCH
-    estimates = []
-    for spec, model in models.items():
-        costs = forward_costs(model, args.input_size, device, batch_size, AMP_DTYPES[args.amp])
-        seconds = H100.seconds(costs)
-        estimates.append(seconds)
-        print(f'{spec}: roofline {seconds * 1e3:.3f} ms per forward on an H100 (batch '
-              f'{batch_size}, amp {args.amp}; {len(costs)} operations, '
-              f'{sum(cost.bytes for cost in costs) / 1e9:.2f} GB, '
-              f'{sum(cost.flops for cost in costs) / 1e12:.3f} TFLOP), '
-              f'{estimates[0] / seconds:.3f}x the first', flush=True)
+    estimates = {}
+    for mode in ('inference', 'train') if args.mode == 'both' else (args.mode,):
+        seconds = estimates[mode] = []
+        for spec, model in models.items():
+            costs = step_costs(model, args.input_size, device, batch_size, AMP_DTYPES[args.amp],
+                               train=mode == 'train')
+            seconds.append(H100.seconds(costs))
+            print(f'{spec}: roofline {seconds[-1] * 1e3:.3f} ms per {mode} step on an H100 '
+                  f'(batch {batch_size}, amp {args.amp}; {len(costs)} operations, '
+                  f'{sum(cost.bytes for cost in costs) / 1e9:.2f} GB, '
+                  f'{sum(cost.flops for cost in costs) / 1e12:.3f} TFLOP), '
+                  f'{seconds[0] / seconds[-1]:.3f}x the first', flush=True)
     return estimates
 
 

@@ -290,28 +290,36 @@ def test_kernel_ops_bytes_and_flops():
 
 def test_speed_test_roofline_ratio():
     # A model with twice the blocks moves about twice the bytes: the estimates and their ratio
-    # as printed agree with op_costs called directly.
+    # as printed agree with op_costs called directly, for a forward and for a training step.
     specs = [f'deit_small_patch16_224:depth={depth}:embed_dim=32:num_heads=2' for depth in (4, 2)]
     result = run_speed_test(*specs, '--input-size', '32', '--roofline', '--batch-size', '8',
-                            '--iterations', '1', '--repeats', '1', '--warmup', '0')
+                            '--mode', 'both', '--iterations', '1', '--repeats', '1',
+                            '--warmup', '0')
     assert result.returncode == 0, result.stderr
-    printed = re.findall(r'^(\S+): roofline ([\d.]+) ms per forward on an H100 \(batch 8, amp '
-                         r'none; (\d+) operations, [\d.]+ GB, [\d.]+ TFLOP\), ([\d.]+)x the first$',
-                         result.stdout, re.MULTILINE)
-    assert [row[0] for row in printed] == specs, result.stdout
     import speed_test
-    direct = []
-    for spec, milliseconds, operations, _ in printed:
-        name, kwargs = speed_test.parse_model_spec(spec)
-        torch.manual_seed(0)
-        model = timm.create_model(name, img_size=32, **kwargs)
-        costs = op_costs.forward_costs(model, 32, torch.device('cpu'), batch_size=8)
-        direct.append(op_costs.H100.seconds(costs))
-        assert int(operations) == len(costs)
-        assert float(milliseconds) == pytest.approx(direct[-1] * 1e3, abs=5e-4)
-    ratio = float(printed[1][3])
-    assert ratio == pytest.approx(direct[0] / direct[1], abs=5e-3)
-    assert 1.6 < ratio < 2.1
+    for mode in ('inference', 'train'):
+        printed = re.findall(rf'^(\S+): roofline ([\d.]+) ms per {mode} step on an H100 \(batch 8, '
+                             r'amp none; (\d+) operations, [\d.]+ GB, [\d.]+ TFLOP\), '
+                             r'([\d.]+)x the first$', result.stdout, re.MULTILINE)
+        assert [row[0] for row in printed] == specs, result.stdout
+        direct = []
+        for spec, milliseconds, operations, _ in printed:
+            name, kwargs = speed_test.parse_model_spec(spec)
+            torch.manual_seed(0)
+            model = timm.create_model(name, img_size=32, **kwargs)
+            costs = op_costs.step_costs(model, 32, torch.device('cpu'), batch_size=8,
+                                        train=mode == 'train')
+            direct.append(op_costs.H100.seconds(costs))
+            assert int(operations) == len(costs)
+            assert float(milliseconds) == pytest.approx(direct[-1] * 1e3, abs=5e-4)
+            # A training step runs its forward's operations and about twice as many more.
+            if mode == 'train':
+                forward = op_costs.step_costs(model, 32, torch.device('cpu'), batch_size=8)
+                assert 2.5 * len(forward) < len(costs) < 4 * len(forward)
+                assert all(parameter.grad is None for parameter in model.parameters())
+        ratio = float(printed[1][3])
+        assert ratio == pytest.approx(direct[0] / direct[1], abs=5e-3)
+        assert 1.6 < ratio < 2.1
 
 
 def test_speed_test_counts_operations_per_block():

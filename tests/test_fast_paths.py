@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -237,6 +238,37 @@ def test_two_scales_as_one_tensor_equal_and_fewer_operations():
             got = run_two_scales(blocks, joint_input, model.grid)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert joint.count <= 0.65 * per_stream.count, (joint.count, per_stream.count)
+
+
+class SliceGradients(TorchDispatchMode):
+    """Records the shapes of the gradients that slices' backwards write."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == 'slice_backward':
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize('joint', [False, True])
+def test_front_end_backward_writes_no_sliced_token_gradients(joint):
+    # The streams and class tokens are split, not sliced: a slice's backward writes a
+    # zero-filled gradient of the whole token tensor (summed after), a split's one
+    # concatenation. Only the class attention slices, its (B, H, N, D) query and its
+    # (B, H, N) scores; no (B, N, C) token gradient comes from a slice.
+    model = make_model(seed=2, double=False, train=True, **tiny_kwargs(
+        patch_size=16, img_size=64, drop_loc=(3,), base_keep_rate=0.6, multi_scale=True))
+    model.matmul_embed = joint
+    logits = model(images(2, 64, seed=3, double=False))
+    with SliceGradients() as slices:
+        logits.logsumexp(dim=1).sum().backward()
+    assert slices.shapes, 'the class attention slices: the recording is not empty'
+    assert all(len(shape) == 4 or shape[-1] != model.embed_dim for shape in slices.shapes), \
+        slices.shapes
 
 
 @pytest.mark.parametrize('img_size', [(64, 96), (96, 64)])
