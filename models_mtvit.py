@@ -21,7 +21,7 @@ from timm.models import register_model
 from matmul_ops import bilinear_resize_matrix, embed_patches_as_matmul, to_autocast_dtype
 from multi_scale import MULTI_SCALE_BLOCKS, POOL, ScaleFusion, run_per_stream, run_two_scales
 from token_merging import (Reduction, apply_mergence, class_attention, keep_count, keep_counts,
-                           merge_tokens, per_block, reduce_through)
+                           merge_tokens, per_block, reduce_through, split_heads)
 
 __all__ = ['MTViT', 'apply_mergence', 'merge_tokens', 'MTVIT_MODELS']
 
@@ -44,8 +44,7 @@ class Attention(nn.Module):
     def _split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, N, 3C) -> q, k, v, each (B, H, N, D)."""
         batch, num_tokens, _ = qkv.shape
-        qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, -1)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return split_heads(qkv.reshape(batch, num_tokens, 3, self.num_heads, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, N, D) each -> (B, N, H, D), a view."""

@@ -419,3 +419,25 @@ def test_multi_scale_tokens_and_keep_rate():
     with torch.no_grad():
         logits = model(x, tokens=[None, None, None, None, 10, None])
     torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-10)
+
+
+def test_split_heads_gives_timms_views_with_a_cheaper_backward():
+    import op_costs
+    import token_merging
+    qkv = torch.randn(2, 5, 3 * 4 * 8, requires_grad=True)
+    heads = qkv.reshape(2, 5, 3, 4, 8)
+    ours = token_merging.split_heads(heads)
+    timms = heads.permute(2, 0, 3, 1, 4).unbind(0)
+    for got, expected in zip(ours, timms):
+        assert got.shape == expected.shape == (2, 4, 5, 8)
+        assert got.stride() == expected.stride() and got.data_ptr() == expected.data_ptr()
+    gradients = {}
+    for name, parts in (('ours', ours), ('timm', timms)):
+        with op_costs.KernelOps() as ops:
+            (grad,) = torch.autograd.grad(sum((p * w).sum() for p, w in zip(parts, (1, 2, 3))),
+                                          qkv)
+        gradients[name] = (grad, [cost.name for cost in ops.costs if cost.bytes > 1000])
+    torch.testing.assert_close(gradients['ours'][0], gradients['timm'][0], rtol=0, atol=0)
+    # Both stack the three gradients; only timm's layout then needs a copy.
+    assert gradients['ours'][1].count('stack') == gradients['timm'][1].count('stack') == 1
+    assert 'clone' in gradients['timm'][1] and 'clone' not in gradients['ours'][1]
