@@ -14,8 +14,8 @@ A model is ``name`` or ``name:key=value[:key=value...]`` with JSON values (``tru
 and several ``--batch-size`` values (batch 1 gives the latency) select what is measured;
 ``--json`` records every figure with the device, the library versions and the settings;
 ``--profile N`` lists the N ops (and on a GPU the N kernels) each model's step spends most time in;
-``--count-ops`` and ``--roofline`` count what a forward would launch on a GPU and estimate its
-eager time on an H100, on any device (``op_costs``).
+``--count-ops`` and ``--roofline`` count what a forward would launch on a GPU and estimate the
+eager time of a forward or a training step on an H100, on any device (``op_costs``).
 """
 import argparse
 import json
@@ -320,7 +320,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--iterations', type=int, default=None, help='timed batches per round')
     parser.add_argument('--warmup', type=int, default=None, help='untimed batches first')
     parser.add_argument('--repeats', type=int, default=None,
-                        help='rounds; the median is reported')
+                        help='rounds; the median is reported (0: no timing, only the figures of '
+                             '--flops, --count-ops and --roofline)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
     parser.add_argument('--count-ops', action='store_true',
@@ -451,23 +452,29 @@ def measure_compile_time(spec: str, args, device: torch.device) -> float:
 
 
 def print_roofline(models: Dict[str, nn.Module], args: argparse.Namespace,
-                   device: torch.device) -> Dict[str, List[float]]:
-    """Prints each model's roofline estimate (see ``op_costs``) for each ``--mode``; returns
-    mode -> the seconds, in model order."""
+                   device: torch.device) -> List[dict]:
+    """Prints each model's roofline estimate (see ``op_costs``) for each ``--mode``, with its
+    speed relative to the first model (the first's time over its own); returns one record each,
+    as ``--json`` writes them."""
     batch_size = args.batch_size[0] if args.batch_size else ROOFLINE_BATCH
-    estimates = {}
+    records = []
     for mode in ('inference', 'train') if args.mode == 'both' else (args.mode,):
-        seconds = estimates[mode] = []
+        first = None
         for spec, model in models.items():
             costs = step_costs(model, args.input_size, device, batch_size, AMP_DTYPES[args.amp],
                                train=mode == 'train')
-            seconds.append(H100.seconds(costs))
-            print(f'{spec}: roofline {seconds[-1] * 1e3:.3f} ms per {mode} step on an H100 '
-                  f'(batch {batch_size}, amp {args.amp}; {len(costs)} operations, '
-                  f'{sum(cost.bytes for cost in costs) / 1e9:.2f} GB, '
-                  f'{sum(cost.flops for cost in costs) / 1e12:.3f} TFLOP), '
-                  f'{seconds[0] / seconds[-1]:.3f}x the first', flush=True)
-    return estimates
+            seconds = H100.seconds(costs)
+            first = first or seconds
+            record = dict(model=spec, mode=f'roofline-{mode}', gpu='H100 (op_costs.H100)',
+                          batch_size=batch_size, amp=args.amp, estimated_ms=seconds * 1e3,
+                          operations=len(costs), gigabytes=sum(c.bytes for c in costs) / 1e9,
+                          tflop=sum(c.flops for c in costs) / 1e12, speed_vs_first=first / seconds)
+            records.append(record)
+            print(f'{spec}: roofline {record["estimated_ms"]:.3f} ms per {mode} step on an H100 '
+                  f'(batch {batch_size}, amp {args.amp}; {record["operations"]} operations, '
+                  f'{record["gigabytes"]:.2f} GB, {record["tflop"]:.3f} TFLOP), speed '
+                  f'{record["speed_vs_first"]:.3f}x the first model\'s', flush=True)
+    return records
 
 
 def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
@@ -528,13 +535,14 @@ def main(args: argparse.Namespace) -> List[dict]:
         for spec, model in models.items():
             print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'
                   f' kernel-running operations per forward (batch 1, amp {args.amp})')
-    if args.roofline:
-        print_roofline(models, args, device)
+    records = print_roofline(models, args, device) if args.roofline else []
+    if settings['repeats'] == 0:  # the counts and estimates only
+        _write_json(args.json, device, records)
+        return records
     if args.compile:
         models = {spec: torch.compile(model) for spec, model in models.items()}
     batch_sizes = args.batch_size or [defaults['batch_size']]
     modes = ('inference', 'train') if args.mode == 'both' else (args.mode,)
-    records = []
     for mode in modes:
         for batch_size in batch_sizes:
             rows = compare(models, mode, batch_size, args, device, settings, args.compile)

@@ -169,8 +169,10 @@ def merge_tokens(
         # normalisation move half the bytes; compiled, inductor folds the cast into the kernels
         # that read the gathered tokens, where a cast first would be written out in full.
         # Only the kept ones are normalised: a pruned token's length scales its whole row of
-        # similarities, so its argmax over the kept tokens is that of the cosine similarity
-        # (and each product is at most that length: no half-precision overflow).
+        # similarities, so its argmax over the kept tokens is that of the cosine similarity.
+        # Each product is at most that length: float16 holds it for tokens shorter than its
+        # largest value, 65504 (ViT tokens are orders of magnitude shorter; bfloat16 has
+        # float32's range).
         features = patches if torch.compiler.is_compiling() else to_autocast_dtype(patches)
         ranked = features.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
         tiny = max(1e-12, torch.finfo(ranked.dtype).tiny)  # 1e-12 is 0 in half precision

@@ -271,55 +271,75 @@ def test_kernel_ops_bytes_and_flops():
         z = y + y[:1].expand(4, 16)  # the broadcast row is read once
         z.gather(0, index)  # reads the 2x16 gathered values and the 2 indices only
         z.new_zeros(3, 5)  # writes only: z gives the dtype and device
+        z.zero_()  # overwritten, not read
     linear_read = (16 + 32 + 128) * 4
     assert [(cost.name, cost.bytes, cost.flops) for cost in ops.costs] == [
         ('addmm', linear_read + 64 * 4, 2 * 4 * 8 * 16),
         ('add', (64 + 16 + 64) * 4, 0),
         ('gather', (32 + 32) * 4 + 2 * 8, 0),
-        ('new_zeros', 15 * 4, 0)]
+        ('new_zeros', 15 * 4, 0),
+        ('zero_', 64 * 4, 0)]
     gpu = op_costs.RooflineGPU(bandwidth=1e3, matmul_flops=1e6, min_kernel_s=0.5)
     # max(bytes / bandwidth, flops / peak, 0.5 s) per operation
-    assert gpu.seconds(ops.costs) == pytest.approx(0.96 + 0.576 + 0.5 + 0.5)
+    assert gpu.seconds(ops.costs) == pytest.approx(0.96 + 0.576 + 0.5 + 0.5 + 0.5)
     sdpa = torch.randn(2, 3, 5, 4)
     with op_costs.KernelOps() as ops:
         torch.nn.functional.scaled_dot_product_attention(sdpa, sdpa, sdpa)
     fused = [cost for cost in ops.costs if 'scaled_dot_product' in cost.name]
     assert len(fused) == 1 and fused[0].flops == 4 * sdpa.numel() * 5
     assert fused[0].bytes == 4 * sdpa.numel() * 4  # q, k, v read and the output written
+    query = sdpa.clone().requires_grad_()
+    with op_costs.KernelOps() as ops:
+        attended = torch.nn.functional.scaled_dot_product_attention(query, query, query)
+        (attended * sdpa).sum().backward()  # an output gradient without broadcast dimensions
+    backward = [cost for cost in ops.costs if cost.name.endswith('attention_for_cpu_backward')]
+    # 10 B H N M D FLOPs; reads at least the output gradient, q, k, v and the output, writes
+    # three gradients
+    assert len(backward) == 1 and backward[0].flops == 10 * sdpa.numel() * 5
+    assert backward[0].bytes >= 8 * sdpa.numel() * 4
 
 
-def test_speed_test_roofline_ratio():
+def test_speed_test_roofline_ratio(tmp_path):
     # A model with twice the blocks moves about twice the bytes: the estimates and their ratio
-    # as printed agree with op_costs called directly, for a forward and for a training step.
+    # as printed and recorded agree with op_costs called directly, for a forward and for a
+    # training step; --repeats 0 times nothing.
     specs = [f'deit_small_patch16_224:depth={depth}:embed_dim=32:num_heads=2' for depth in (4, 2)]
     result = run_speed_test(*specs, '--input-size', '32', '--roofline', '--batch-size', '8',
-                            '--mode', 'both', '--iterations', '1', '--repeats', '1',
-                            '--warmup', '0')
+                            '--mode', 'both', '--repeats', '0', '--json',
+                            str(tmp_path / 'roofline.json'))
     assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / 'roofline.json').read_text())['records']
+    assert [(r['model'], r['mode']) for r in records] == [
+        (spec, f'roofline-{mode}') for mode in ('inference', 'train') for spec in specs]
+    assert 'images_per_s' not in result.stdout and 'img/s' not in result.stdout
     import speed_test
     for mode in ('inference', 'train'):
         printed = re.findall(rf'^(\S+): roofline ([\d.]+) ms per {mode} step on an H100 \(batch 8, '
-                             r'amp none; (\d+) operations, [\d.]+ GB, [\d.]+ TFLOP\), '
-                             r'([\d.]+)x the first$', result.stdout, re.MULTILINE)
+                             r'amp none; (\d+) operations, [\d.]+ GB, [\d.]+ TFLOP\), speed '
+                             r"([\d.]+)x the first model's$", result.stdout, re.MULTILINE)
         assert [row[0] for row in printed] == specs, result.stdout
         direct = []
         for spec, milliseconds, operations, _ in printed:
             name, kwargs = speed_test.parse_model_spec(spec)
             torch.manual_seed(0)
-            model = timm.create_model(name, img_size=32, **kwargs)
+            model = timm.create_model(name, img_size=32, **kwargs).eval()
             costs = op_costs.step_costs(model, 32, torch.device('cpu'), batch_size=8,
                                         train=mode == 'train')
             direct.append(op_costs.H100.seconds(costs))
             assert int(operations) == len(costs)
             assert float(milliseconds) == pytest.approx(direct[-1] * 1e3, abs=5e-4)
-            # A training step runs its forward's operations and about twice as many more.
+            # Left as it was: eval mode, no gradients.
+            assert not model.training
+            assert all(parameter.grad is None for parameter in model.parameters())
             if mode == 'train':
+                # A training step runs its forward's operations and about twice as many more.
                 forward = op_costs.step_costs(model, 32, torch.device('cpu'), batch_size=8)
                 assert 2.5 * len(forward) < len(costs) < 4 * len(forward)
-                assert all(parameter.grad is None for parameter in model.parameters())
         ratio = float(printed[1][3])
         assert ratio == pytest.approx(direct[0] / direct[1], abs=5e-3)
         assert 1.6 < ratio < 2.1
+        recorded = [r for r in records if r['mode'] == f'roofline-{mode}']
+        assert [r['estimated_ms'] for r in recorded] == pytest.approx([d * 1e3 for d in direct])
 
 
 def test_speed_test_counts_operations_per_block():
