@@ -5,7 +5,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from utils import MetricLogger, SmoothedValue, all_reduce_sum, check_finite_losses
+from utils import MetricLogger, SmoothedValue, all_reduce_sum, amp_autocast, check_finite_losses
 
 LOG_EVERY = 10
 """Iterations between progress lines and tensorboard points."""
@@ -106,8 +106,7 @@ def train_one_epoch(
             samples, targets = mixup_fn(samples, targets)
         keep_rate = keep_rate_schedule(iteration) if keep_rate_schedule else None
 
-        with torch.autocast(device_type=device.type, dtype=amp_dtype,
-                            enabled=amp_dtype is not None):
+        with amp_autocast(device, amp_dtype):
             outputs = model(samples, **reduction_kwargs(keep_rate, token_counts))
             loss = criterion(samples, outputs, targets)
         pending_losses.append(loss.detach())
@@ -175,8 +174,7 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
             metric_logger.log_every(data_loader, print_freq, 'Test:')):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype,
-                            enabled=amp_dtype is not None):
+        with amp_autocast(device, amp_dtype):
             outputs = model(images, **model_kwargs)
         outputs = outputs.float()
         top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices

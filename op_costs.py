@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from utils import amp_autocast
+
 __all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_kernel_ops', 'step_costs',
            'tensor_bytes']
 
@@ -97,8 +99,8 @@ class KernelOps(TorchDispatchMode):
     ``fill_`` do not read the tensor they overwrite. Fused attention reads q, k, v and writes
     its output; its backward reads the output gradient, q, k, v, the output and the softmax
     statistics and writes three gradients. FLOPs: 2 per multiply-add of matrix products and
-    convolutions (forward and backward); attention 4 B H N M D forward, 10 B H N M D backward (the recomputed scores
-    and four products).
+    convolutions (forward and backward); attention 4 B H N M D forward, 10 B H N M D backward
+    (the recomputed scores and four products).
     """
 
     def __init__(self):
@@ -145,13 +147,11 @@ def step_costs(model: nn.Module, input_size: int, device: torch.device, batch_si
     model.train(train)
     images = torch.randn(batch_size, 3, input_size, input_size, device=device)
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype,
-                              enabled=amp_dtype is not None)
     try:
         for parameter in held:
             parameter.grad = None
         with torch.set_grad_enabled(train), KernelOps() as ops:
-            with autocast:
+            with amp_autocast(device, amp_dtype):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels) if train else None
             if train:

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from op_costs import H100, count_kernel_ops, step_costs
+from utils import amp_autocast
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
 # drifts with its clock: several rounds and their median say more than one long one).
@@ -122,16 +123,12 @@ class _Timed:
     images_per_step: int
 
 
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
 def _inference_step(model: nn.Module, images: torch.Tensor,
                     amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
     model.eval()
 
     def step():
-        with torch.inference_mode(), _autocast(images.device, amp_dtype):
+        with torch.inference_mode(), amp_autocast(images.device, amp_dtype):
             model(images)
     return step
 
@@ -144,7 +141,7 @@ def _training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
 
     def step():
         model.zero_grad(set_to_none=True)
-        with _autocast(images.device, amp_dtype):
+        with amp_autocast(images.device, amp_dtype):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
     return step
@@ -451,14 +448,14 @@ def measure_compile_time(spec: str, args, device: torch.device) -> float:
             return json.load(handle)['records'][0]['first_step_s']
 
 
-def print_roofline(models: Dict[str, nn.Module], args: argparse.Namespace,
+def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], args: argparse.Namespace,
                    device: torch.device) -> List[dict]:
-    """Prints each model's roofline estimate (see ``op_costs``) for each ``--mode``, with its
+    """Prints each model's roofline estimate (see ``op_costs``) for each of ``modes``, with its
     speed relative to the first model (the first's time over its own); returns one record each,
     as ``--json`` writes them."""
     batch_size = args.batch_size[0] if args.batch_size else ROOFLINE_BATCH
     records = []
-    for mode in ('inference', 'train') if args.mode == 'both' else (args.mode,):
+    for mode in modes:
         first = None
         for spec, model in models.items():
             costs = step_costs(model, args.input_size, device, batch_size, AMP_DTYPES[args.amp],
@@ -535,14 +532,14 @@ def main(args: argparse.Namespace) -> List[dict]:
         for spec, model in models.items():
             print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'
                   f' kernel-running operations per forward (batch 1, amp {args.amp})')
-    records = print_roofline(models, args, device) if args.roofline else []
+    modes = ('inference', 'train') if args.mode == 'both' else (args.mode,)
+    records = print_roofline(models, modes, args, device) if args.roofline else []
     if settings['repeats'] == 0:  # the counts and estimates only
         _write_json(args.json, device, records)
         return records
     if args.compile:
         models = {spec: torch.compile(model) for spec, model in models.items()}
     batch_sizes = args.batch_size or [defaults['batch_size']]
-    modes = ('inference', 'train') if args.mode == 'both' else (args.mode,)
     for mode in modes:
         for batch_size in batch_sizes:
             rows = compare(models, mode, batch_size, args, device, settings, args.compile)

@@ -37,6 +37,11 @@ DeviceLike = Union[str, torch.device]
 # Distributed
 # ----------------------------------------------------------------------------
 
+def amp_autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``amp_dtype`` on ``device``'s type; off when ``amp_dtype`` is None."""
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
 def is_dist_initialized() -> bool:
     """Return True when torch.distributed is available and a process group exists."""
     return dist.is_available() and dist.is_initialized()
