@@ -1,4 +1,5 @@
-"""Convolutions and a resize of MTViT as matrix products: the forms its CUDA paths use.
+"""Convolutions and a resize of MTViT as matrix products: the forms its CUDA paths use; and
+``uses_cuda_forms``, by which MTViT's modules choose between their CUDA and CPU forms.
 
 On CUDA, cuDNN runs MTViT's patch-embedding convolution and the fusion's depthwise convolutions
 in half precision as slow generic kernels, and ``F.interpolate`` as a slow bilinear kernel; as
@@ -7,7 +8,8 @@ computes the same function as the operation it replaces (tests/test_fast_paths.p
 against it and against the float64 reference); ``models_mtvit`` and ``multi_scale`` choose which
 runs.
 """
-from typing import List, Sequence, Tuple
+import contextlib
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,6 +53,26 @@ def embed_patches_as_matmul(images: Sequence[torch.Tensor], proj: nn.Conv2d
         part.view(batch, rows, cols, chans, patch, patch).copy_(
             image.reshape(batch, chans, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5))
     return list(F.linear(patches, proj.weight.flatten(1), proj.bias).split(counts, dim=1))
+
+
+_cuda_forms_forced = False
+
+
+def uses_cuda_forms(x: torch.Tensor) -> bool:
+    """Whether MTViT computes on ``x`` in its CUDA forms (``x`` on CUDA, or ``cuda_forms``)."""
+    return x.is_cuda or _cuda_forms_forced
+
+
+@contextlib.contextmanager
+def cuda_forms() -> Iterator[None]:
+    """Within it, every device-chosen form is the CUDA one on any device, so that the CPU can
+    count and estimate what a GPU runs (``op_costs.step_costs``)."""
+    global _cuda_forms_forced
+    previous, _cuda_forms_forced = _cuda_forms_forced, True
+    try:
+        yield
+    finally:
+        _cuda_forms_forced = previous
 
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import register_model
 
-from matmul_ops import bilinear_resize_matrix, embed_patches_as_matmul, to_autocast_dtype
+from matmul_ops import (bilinear_resize_matrix, embed_patches_as_matmul, to_autocast_dtype,
+                        uses_cuda_forms)
 from multi_scale import MULTI_SCALE_BLOCKS, POOL, ScaleFusion, run_per_stream, run_two_scales
 from token_merging import (Reduction, apply_mergence, class_attention, keep_count, keep_counts,
                            merge_tokens, per_block, reduce_through, split_heads)
@@ -279,7 +280,7 @@ class MTViT(nn.Module):
     def _use_matmul(self, x: torch.Tensor) -> bool:
         if self.matmul_embed is not None:
             return self.matmul_embed
-        return x.is_cuda and not torch.jit.is_tracing()
+        return uses_cuda_forms(x) and not torch.jit.is_tracing()
 
     def _embed(self, images: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor]
                ) -> torch.Tensor:

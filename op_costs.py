@@ -14,7 +14,8 @@ Out of sample, from the same measurements: the bf16 training step's ratios (esti
 1.14x against the measured 1.32x and 1.10x); but keep 1 is estimated at 0.99x against a measured
 1.07x, because a kernel's inefficiency is invisible to a byte count (DeiT-S's patch-embedding
 convolution, which cuDNN ran in half precision in 1.25 ms, counts here as about 0.06 ms). It
-estimates eager kernels as PyTorch launches them; compiled (fused) code moves fewer bytes.
+estimates eager kernels as PyTorch launches them, in their CUDA forms (``matmul_ops.cuda_forms``,
+whatever the device); compiled (fused) code moves fewer bytes.
 """
 from dataclasses import dataclass
 from typing import List, Optional
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from matmul_ops import cuda_forms
 from utils import amp_autocast
 
 __all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_kernel_ops', 'step_costs',
@@ -150,7 +152,7 @@ def step_costs(model: nn.Module, input_size: int, device: torch.device, batch_si
     try:
         for parameter in held:
             parameter.grad = None
-        with torch.set_grad_enabled(train), KernelOps() as ops:
+        with torch.set_grad_enabled(train), cuda_forms(), KernelOps() as ops:
             with amp_autocast(device, amp_dtype):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels) if train else None

@@ -12,6 +12,7 @@
 
 Run: ``python -m pytest tests/test_fast_paths.py -q`` from the repository root.
 """
+import contextlib
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ for path in (REPO, TESTS):
         sys.path.insert(0, path)
 
 import engine  # noqa: E402
+from matmul_ops import cuda_forms  # noqa: E402
 import models_mtvit  # noqa: E402
 from multi_scale import MULTI_SCALE_BLOCKS, run_per_stream, run_two_scales  # noqa: E402
 from op_costs import KernelOps  # noqa: E402
@@ -419,7 +421,8 @@ def test_bf16_autocast_with_reductions(multi_scale, dense):
     assert error < 1e-2, f'bf16 relative error {error:.4f}'
 
 
-def test_mergence_gathers_similarity_tokens_in_half_precision():
+@pytest.mark.parametrize('forms,gather', [('cuda', 'gather'), ('cpu', 'index_select')])
+def test_mergence_gathers_similarity_tokens_in_half_precision(forms, gather):
     # Under autocast the similarities' tokens are cast before the gather (half the bytes), with
     # the merge itself in float32 and the same choices as in float32 on well-separated tokens.
     gen = torch.Generator().manual_seed(8)
@@ -428,9 +431,13 @@ def test_mergence_gathers_similarity_tokens_in_half_precision():
     x = torch.cat([torch.randn(2, 1, 32, generator=gen), kept, pruned], dim=1)
     scores = torch.cat([torch.linspace(0.2, 0.1, 6), torch.full((4,), 0.01)]).expand(2, -1)
     fp32 = models_mtvit.merge_tokens(x, scores, 6)
-    with torch.autocast('cpu', dtype=torch.bfloat16), KernelOps() as ops:
+    with contextlib.ExitStack() as stack:
+        if forms == 'cuda':
+            stack.enter_context(cuda_forms())
+        stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))
+        ops = stack.enter_context(KernelOps())
         bf16 = models_mtvit.merge_tokens(x, scores, 6)
-    gathers = [cost for cost in ops.costs if cost.name == 'gather' and cost.bytes > 2 * 10 * 32]
+    gathers = [cost for cost in ops.costs if cost.name == gather and cost.bytes > 2 * 10 * 32]
     assert len(gathers) == 1
     # (2, 10, 32) tokens written and read at 2 bytes each, plus 2 x 10 int64 indices read
     assert gathers[0].bytes == 2 * (2 * 10 * 32 * 2) + 2 * 10 * 8

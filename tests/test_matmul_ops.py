@@ -3,17 +3,22 @@
 1. ``depthwise_as_matmul`` / ``depthwise_tap_placement`` against ``F.conv2d`` and a placement
    written out by hand.
 2. ``bilinear_resize_matrix`` against ``F.interpolate``.
+3. ``to_autocast_dtype``.
+4. The CPU forms of ``multi_scale``: ``DepthwiseConv2d``'s backward against ``F.conv2d``'s, and
+   the 2x2 cell pooling and broadcasts, which reduce one dimension at a time.
 
 (``embed_patches_as_matmul`` is tested through the model, in tests/test_fast_paths.py.)
 
 Run: ``python -m pytest tests/test_matmul_ops.py -q`` from the repository root.
 """
+import contextlib
 import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -124,3 +129,112 @@ def test_to_autocast_dtype_casts_what_autocast_casts():
         # A device without autocast (meta: shapes only) is left as it is, not an error.
         meta = torch.empty(2, device='meta')
         assert matmul_ops.to_autocast_dtype(meta) is meta
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. multi_scale's CPU forms
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kernel,dilation', [(3, 1), (7, 2)])
+@pytest.mark.parametrize('layout', ['contiguous', 'token_view'])
+def test_depthwise_conv_backward_equals_conv2d(kernel, dilation, layout):
+    channels, batch, grid = 5, 3, (6, 8)
+    torch.manual_seed(kernel + 10 * dilation)
+    conv = multi_scale.depthwise_conv(channels, kernel, dilation=dilation).double()
+    assert isinstance(conv, torch.nn.Conv2d) and conv.padding == (dilation * (kernel - 1) // 2,) * 2
+    with torch.no_grad():
+        conv.bias.normal_()
+    if layout == 'contiguous':
+        source = torch.randn(batch, channels, *grid, dtype=torch.float64, requires_grad=True)
+        feature_map = source
+    else:
+        # As the fusion makes them: a (B, C, gh, gw) view of (B, 1 + gh * gw, C) tokens.
+        source = torch.randn(batch, 1 + grid[0] * grid[1], channels, dtype=torch.float64,
+                             requires_grad=True)
+        feature_map = source[:, 1:].transpose(1, 2).reshape(batch, channels, *grid)
+    out_grad = torch.randn(batch, channels, *grid, dtype=torch.float64)
+    got = conv(feature_map)
+    assert type(got.grad_fn).__name__ == '_SameDepthwiseConvBackward'
+    got_grads = torch.autograd.grad(got, (source, conv.weight, conv.bias), out_grad)
+    expected = F.conv2d(feature_map, conv.weight, conv.bias, padding=conv.padding,
+                        dilation=conv.dilation, groups=channels)
+    expected_grads = torch.autograd.grad(expected, (source, conv.weight, conv.bias), out_grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for name, value, reference in zip(('input', 'weight', 'bias'), got_grads, expected_grads):
+        assert reference.abs().max() > 0.1, name
+        torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12, msg=name)
+    # Without gradients (evaluation) it is nn.Conv2d's own forward; under autocast, which does
+    # not cast inside an autograd Function, too (a bfloat16 input, float32 weights).
+    with torch.no_grad():
+        assert conv(feature_map).grad_fn is None
+    conv.float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        half = conv(feature_map.detach().bfloat16().requires_grad_())
+    assert half.dtype == torch.bfloat16 and type(half.grad_fn).__name__ == 'ConvolutionBackward0'
+
+
+def test_depthwise_conv_rejects_even_kernels():
+    with pytest.raises(ValueError, match='kernel_size 4 is even'):
+        multi_scale.DepthwiseConv2d(3, 4)
+
+
+class Reductions(TorchDispatchMode):
+    """Records the dimensions each sum or mean reduces."""
+
+    def __init__(self):
+        super().__init__()
+        self.dims = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ('sum', 'mean') and len(args) > 1:
+            self.dims.append(tuple(args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('forms', ['cpu', 'cuda'])
+def test_cell_pooling_and_broadcasts_equal_reference(forms):
+    # On the CPU a reduction over two strided dimensions (the 2x2 cells of a (B, h, 2, w, 2, C)
+    # view) runs ten times slower than two one-dimension ones: its forward and backward reduce
+    # one dimension at a time. The CUDA forms reduce both at once.
+    batch, grid, channels = 2, (4, 6), 3
+    low_grid = (grid[0] // 2, grid[1] // 2)
+    generator = torch.Generator().manual_seed(8)
+    patches = torch.randn(batch, grid[0] * grid[1], channels, dtype=torch.float64,
+                          generator=generator, requires_grad=True)
+    low = torch.randn(batch, low_grid[0] * low_grid[1], channels, dtype=torch.float64,
+                      generator=generator, requires_grad=True)
+
+    def as_map(tokens, size):
+        return tokens.transpose(1, 2).reshape(batch, channels, *size)
+
+    def as_tokens(feature_map):
+        return feature_map.flatten(2).transpose(1, 2)
+
+    outputs = {
+        'pool': (lambda: multi_scale.pool_patch_grid(patches, grid),
+                 lambda: as_tokens(F.avg_pool2d(as_map(patches, grid), 2))),
+        'upsample': (lambda: multi_scale.upsample_patch_grid(low, low_grid),
+                     lambda: as_tokens(F.interpolate(as_map(low, low_grid), scale_factor=2.,
+                                                     mode='nearest'))),
+        'add_upsampled': (lambda: multi_scale.add_upsampled(patches, low, grid),
+                          lambda: patches + as_tokens(F.interpolate(
+                              as_map(low, low_grid), scale_factor=2., mode='nearest'))),
+    }
+    for name, (function, reference) in outputs.items():
+        with matmul_ops.cuda_forms() if forms == 'cuda' else contextlib.nullcontext(), \
+                Reductions() as reductions:
+            got = function()
+            grads = torch.autograd.grad(got, (patches, low), torch.ones_like(got),
+                                        allow_unused=True)
+        expected = reference()
+        expected_grads = torch.autograd.grad(expected, (patches, low), torch.ones_like(expected),
+                                             allow_unused=True)
+        torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15, msg=name)
+        for value, reference_grad in zip(grads, expected_grads):
+            assert (value is None) == (reference_grad is None), name
+            if value is not None:
+                torch.testing.assert_close(value, reference_grad, rtol=1e-15, atol=1e-15,
+                                           msg=name)
+        assert reductions.dims, f'{name}: something reduces the 2x2 cells'
+        assert all((len(dims) == 1) == (forms == 'cpu') for dims in reductions.dims), \
+            (name, reductions.dims)

@@ -6,6 +6,7 @@ tests/test_model_state_and_cost.py.)
 
 Run: ``python -m pytest tests/test_models.py -q`` from the repository root.
 """
+import contextlib
 import math
 import os
 
@@ -18,6 +19,7 @@ from mtvit_reference import (LN_EPS, assert_reductions_equal, images, make_model
                              ref_forward, ref_merge, reduction_sizes, tiny_kwargs)
 
 import models_mtvit
+from matmul_ops import cuda_forms
 import multi_scale
 import timm
 
@@ -131,10 +133,11 @@ def test_deit_small_equivalence_call_time_keep_rate_1(deit_small_pair):
 # 2. Token mergence
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('forms', ['cpu', 'cuda'])
 @pytest.mark.parametrize('num_patches', [16, 49, 196])
 @pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('rate', [0.3, 0.5, 0.7, 0.9])
-def test_merge_tokens_matches_reference(rate, batch, num_patches):
+def test_merge_tokens_matches_reference(rate, batch, num_patches, forms):
     dim = 24
     gen = torch.Generator().manual_seed(1000 * batch + num_patches + int(rate * 10))
     x = torch.randn(batch, num_patches + 1, dim, generator=gen, dtype=torch.float64)
@@ -143,7 +146,9 @@ def test_merge_tokens_matches_reference(rate, batch, num_patches):
     scores = scores.mul(2).softmax(dim=-1)[:, 1:]
     num_keep = math.ceil(rate * num_patches)
     x_in, scores_in = x.clone(), scores.clone()
-    out, kept_index, assignment = models_mtvit.merge_tokens(x, scores, num_keep)
+    # Row indexing on the CPU, element-wise gather and scatter in the CUDA forms.
+    with cuda_forms() if forms == 'cuda' else contextlib.nullcontext():
+        out, kept_index, assignment = models_mtvit.merge_tokens(x, scores, num_keep)
     assert torch.equal(x, x_in) and torch.equal(scores, scores_in), 'inputs modified in place'
     assert out.shape == (batch, num_keep + 1, dim)
     assert kept_index.shape == (batch, num_keep) and kept_index.dtype == torch.int64
@@ -157,6 +162,26 @@ def test_merge_tokens_matches_reference(rate, batch, num_patches):
         # kept tokens in descending score order
         kept_scores = scores[b, kept_index[b]]
         assert bool((kept_scores[:-1] >= kept_scores[1:]).all())
+
+
+def test_merge_tokens_forms_have_equal_gradients():
+    # The CPU's row indexing and the CUDA forms' gather / scatter, through the backward; two
+    # prefix tokens, so that the row offsets skip them.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2 + 30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    scores = torch.rand(3, 30, generator=gen, dtype=torch.float64).requires_grad_()
+    out_grad = torch.randn(3, 2 + 12, 16, generator=gen, dtype=torch.float64)
+    results = []
+    for forms in (contextlib.nullcontext(), cuda_forms()):
+        with forms:
+            out, kept_index, assignment = models_mtvit.merge_tokens(x, scores, 12,
+                                                                    num_prefix_tokens=2)
+        results.append((out, kept_index, assignment,
+                        *torch.autograd.grad(out, (x, scores), out_grad)))
+    for name, cpu, cuda in zip(('tokens', 'kept', 'assignment', 'x grad', 'score grad'),
+                               *results):
+        torch.testing.assert_close(cpu, cuda, rtol=1e-13, atol=1e-13, msg=name)
+    assert results[0][4].abs().max() > 1e-3, 'the scores get a gradient'
 
 
 def test_merge_tokens_hand_made_example():
