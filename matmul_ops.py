@@ -1,5 +1,5 @@
 """Convolutions and a resize of MTViT as matrix products: the forms its CUDA paths use; and
-``uses_cuda_forms``, by which MTViT's modules choose between their CUDA and CPU forms.
+``uses_cuda_forms`` / ``uses_cpu_forms``, by which MTViT's modules choose their device forms.
 
 On CUDA, cuDNN runs MTViT's patch-embedding convolution and the fusion's depthwise convolutions
 in half precision as slow generic kernels, and ``F.interpolate`` as a slow bilinear kernel; as
@@ -59,14 +59,23 @@ _cuda_forms_forced = False
 
 
 def uses_cuda_forms(x: torch.Tensor) -> bool:
-    """Whether MTViT computes on ``x`` in its CUDA forms (``x`` on CUDA, or ``cuda_forms``)."""
+    """Whether MTViT computes on ``x`` in its CUDA forms (the matrix products above): ``x`` on
+    CUDA, or within ``cuda_forms``."""
     return x.is_cuda or _cuda_forms_forced
+
+
+def uses_cpu_forms(x: torch.Tensor) -> bool:
+    """Whether MTViT computes on ``x`` in its CPU forms (those of ``multi_scale`` and
+    ``token_merging`` that work around slow CPU kernels): ``x`` on the CPU, outside
+    ``cuda_forms``. Other devices (MPS, meta) get neither."""
+    return x.device.type == 'cpu' and not _cuda_forms_forced
 
 
 @contextlib.contextmanager
 def cuda_forms() -> Iterator[None]:
     """Within it, every device-chosen form is the CUDA one on any device, so that the CPU can
-    count and estimate what a GPU runs (``op_costs.step_costs``)."""
+    count and estimate what a GPU runs (``op_costs.step_costs``). The setting is the whole
+    process's, not a thread's (a model computes the same function in either form)."""
     global _cuda_forms_forced
     previous, _cuda_forms_forced = _cuda_forms_forced, True
     try:

@@ -11,9 +11,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from matmul_ops import depthwise_as_matmul, depthwise_tap_placement, uses_cuda_forms
+from matmul_ops import (depthwise_as_matmul, depthwise_tap_placement, uses_cpu_forms,
+                        uses_cuda_forms)
 
 MULTI_SCALE_BLOCKS = 3
 """Blocks that run on both scales before the fusion module; reductions must come after them."""
@@ -35,10 +35,16 @@ def pool_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tenso
     # A mean over the cells of a view, whose backward is a broadcast (on an H100 one reduction
     # is 0.27 ms less per batch of 256 than avg_pool2d forward, 1 ms less per training step).
     cells = patches.reshape(batch, grid[0] // POOL, POOL, grid[1] // POOL, POOL, dim)
-    if uses_cuda_forms(patches):
-        return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
-    # The CPU reduces over two strided dimensions at once ten times slower than one at a time.
-    return cells.mean(dim=4).mean(dim=2).reshape(batch, -1, dim)
+    if _one_dimension_at_a_time(patches):
+        return cells.mean(dim=4).mean(dim=2).reshape(batch, -1, dim)
+    return cells.mean(dim=(2, 4)).reshape(batch, -1, dim)
+
+
+def _one_dimension_at_a_time(x: torch.Tensor) -> bool:
+    """Whether the 2x2 cells of ``x`` are reduced (forward or backward) one dimension at a time:
+    the CPU reduces over two strided dimensions at once ten times slower (6 against 0.6 ms for
+    MTViT-S at batch 32). Not in half precision, where the intermediate would round once more."""
+    return uses_cpu_forms(x) and x.dtype in (torch.float32, torch.float64)
 
 
 def broadcast_cells(low: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -47,10 +53,10 @@ def broadcast_cells(low: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     batch, _, dim = low.shape
     gh, gw = grid
     cells = low.reshape(batch, gh, 1, gw, 1, dim)
-    if uses_cuda_forms(low):
-        return cells.expand(batch, gh, POOL, gw, POOL, dim)
-    # Expanded one dimension at a time, so that the backward reduces one at a time (see above).
-    return cells.expand(batch, gh, 1, gw, POOL, dim).expand(batch, gh, POOL, gw, POOL, dim)
+    if _one_dimension_at_a_time(low):
+        # Expanded one dimension at a time, so that the backward reduces one at a time.
+        return cells.expand(batch, gh, 1, gw, POOL, dim).expand(batch, gh, POOL, gw, POOL, dim)
+    return cells.expand(batch, gh, POOL, gw, POOL, dim)
 
 
 def upsample_patch_grid(patches: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -166,34 +172,55 @@ in half precision for MTViT-S at 224, 255 MB at 384), the tap placements 58 * (g
 
 
 class _SameDepthwiseConv(torch.autograd.Function):
-    """A stride-1 depthwise convolution with 'same' padding, whose input gradient is computed as
-    the forward convolution of the output gradient with the flipped kernel (its adjoint): the
-    CPU's own backward of a dilated 7x7 depthwise convolution takes 20 ms for MTViT-S at batch
-    32, the forward convolution 1.2 ms."""
+    """A stride-1 depthwise convolution with 'same' padding (``dilation * (kernel - 1) / 2``),
+    whose input gradient is the forward convolution of the output gradient with the flipped
+    kernel (its adjoint). For MTViT-S's 7x7 dilated one at batch 32 on the CPU, PyTorch's own
+    backward takes 38 ms, 20 of them for the input gradient, which this computes in 1.2 ms.
+    The backward is made of differentiable operations (double backward works), and forward-mode
+    derivatives and vmap are given, as nn.Conv2d has them."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                padding: int, dilation: int) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.dilation = padding, dilation
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int,
+                dilation: int) -> torch.Tensor:
         return F.conv2d(x, weight, bias, padding=padding, dilation=dilation,
                         groups=weight.shape[0])
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, weight, _, padding, dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.geometry = dict(padding=padding, dilation=dilation, groups=weight.shape[0])
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        geometry = dict(padding=ctx.padding, dilation=ctx.dilation, groups=weight.shape[0])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight.flip(2, 3), **geometry)
+            grad_x = F.conv2d(grad, weight.flip(2, 3), **ctx.geometry)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad, **geometry)
+            grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad, **ctx.geometry)
         if ctx.needs_input_grad[2]:
             # The spatial sum first: the gradient may be a strided view (B, C, H, W) of tokens
             # (B, 1 + H * W, C), over which one three-dimension reduction runs 25 times slower.
-            grad_bias = grad.sum(dim=(2, 3)).sum(dim=0)
+            # Accumulated in float32 at least, so that half precision rounds once.
+            accumulate = torch.promote_types(grad.dtype, torch.float32)
+            grad_bias = grad.sum(dim=(2, 3), dtype=accumulate).sum(dim=0).to(grad.dtype)
         return grad_x, grad_weight, grad_bias, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *_):
+        x, weight = ctx.saved_tensors
+        tangent = 0
+        if x_tangent is not None:
+            tangent = tangent + F.conv2d(x_tangent, weight, **ctx.geometry)
+        if weight_tangent is not None:
+            tangent = tangent + F.conv2d(x, weight_tangent, **ctx.geometry)
+        if bias_tangent is not None:
+            tangent = tangent + bias_tangent[:, None, None]
+        return tangent
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -209,11 +236,15 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         # Autocast does not reach into an autograd Function: under it, nn.Conv2d's casts.
-        if (uses_cuda_forms(x) or not torch.is_grad_enabled() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+        if (not uses_cpu_forms(x) or not torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')
+                or self.padding != self._same_padding()):
             return super().forward(x)
         return _SameDepthwiseConv.apply(x, self.weight, self.bias, self.padding[0],
                                         self.dilation[0])
+
+    def _same_padding(self) -> Tuple[int, int]:
+        return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
 
 
 def depthwise_conv(dim: int, kernel_size: int, dilation: int = 1) -> nn.Conv2d:

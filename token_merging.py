@@ -21,7 +21,7 @@ from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from matmul_ops import to_autocast_dtype, uses_cuda_forms
+from matmul_ops import to_autocast_dtype, uses_cpu_forms
 
 __all__ = ['apply_mergence', 'class_attention', 'keep_count', 'keep_counts', 'merge_tokens',
            'per_block', 'reduce_through', 'split_heads', 'MergingBlock',
@@ -143,27 +143,28 @@ def _flat_rows(index: torch.Tensor, num_tokens: int, start: int = 0) -> torch.Te
 
 # On the CPU, whole-row index_select and index_add_ over the flattened tokens take a quarter of
 # the time of gather and scatter_add_, which index element by element (MTViT-S, batch 32: 1.4
-# against 0.3 ms, 1.8 against 0.5 ms). CUDA keeps the element-wise kernels it was measured with.
+# against 0.3 ms, 1.8 against 0.5 ms). CUDA (and other devices) keeps the element-wise kernels
+# it was measured with.
 
 def take_tokens(x: torch.Tensor, index: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Tokens of x (B, T, C) at positions ``start + index`` (index (B, M)) -> (B, M, C)."""
     batch, num_tokens, dim = x.shape
-    if uses_cuda_forms(x):
-        return x[:, start:].gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
-    rows = _flat_rows(index, num_tokens, start)
-    return x.reshape(batch * num_tokens, dim).index_select(0, rows).view(batch, -1, dim)
+    if uses_cpu_forms(x):
+        rows = _flat_rows(index, num_tokens, start)
+        return x.reshape(batch * num_tokens, dim).index_select(0, rows).view(batch, -1, dim)
+    return x[:, start:].gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
 
 
 def sum_tokens(x: torch.Tensor, destination: torch.Tensor, num_out: int) -> torch.Tensor:
     """Each token of x (B, N, C) added into output token ``destination`` (B, N) of (B, num_out,
     C) zeros."""
     batch, _, dim = x.shape
-    if uses_cuda_forms(x):
-        return x.new_zeros(batch, num_out, dim).scatter_add_(
-            1, destination.unsqueeze(-1).expand(-1, -1, dim), x)
-    rows = _flat_rows(destination, num_out)
-    summed = x.new_zeros(batch * num_out, dim).index_add_(0, rows, x.reshape(-1, dim))
-    return summed.view(batch, num_out, dim)
+    if uses_cpu_forms(x):
+        rows = _flat_rows(destination, num_out)
+        summed = x.new_zeros(batch * num_out, dim).index_add_(0, rows, x.reshape(-1, dim))
+        return summed.view(batch, num_out, dim)
+    return x.new_zeros(batch, num_out, dim).scatter_add_(
+        1, destination.unsqueeze(-1).expand(-1, -1, dim), x)
 
 
 def merge_tokens(

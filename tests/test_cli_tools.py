@@ -342,6 +342,20 @@ def test_speed_test_roofline_ratio(tmp_path):
         assert [r['estimated_ms'] for r in recorded] == pytest.approx([d * 1e3 for d in direct])
 
 
+def test_step_costs_count_the_cuda_forms_on_the_cpu():
+    # What a GPU runs: the mergence's element-wise gather and scatter, not the CPU's row
+    # indexing, which a plain forward on the CPU does run.
+    torch.manual_seed(0)
+    model = models_mtvit.MTViT(img_size=64, patch_size=16, embed_dim=32, depth=5, num_heads=2,
+                               drop_loc=(3, 4), base_keep_rate=0.5, multi_scale=True)
+    names = {op.name for op in op_costs.step_costs(model, 64, torch.device('cpu'), batch_size=2,
+                                                   train=True)}
+    assert {'gather', 'scatter_add_'} <= names and not names & {'index_select', 'index_add_'}
+    with op_costs.KernelOps() as cpu:
+        model(torch.randn(2, 3, 64, 64))
+    assert {'index_select', 'index_add_'} <= {op.name for op in cpu.costs}
+
+
 def test_speed_test_counts_operations_per_block():
     # Each of DeiT's blocks runs the same operations: depth 3 adds to depth 2 what 2 adds to 1.
     result = run_speed_test(*(f'deit_small_patch16_224:depth={depth}' for depth in (1, 2, 3)),

@@ -173,6 +173,65 @@ def test_depthwise_conv_backward_equals_conv2d(kernel, dilation, layout):
     assert half.dtype == torch.bfloat16 and type(half.grad_fn).__name__ == 'ConvolutionBackward0'
 
 
+def test_depthwise_conv_higher_derivatives_equal_conv2d():
+    # What nn.Conv2d's autograd offers, the faster backward does too: double backward (gradient
+    # penalties), torch.func's grad and vmap (per-sample gradients), forward-mode jvp.
+    torch.manual_seed(5)
+    conv = multi_scale.depthwise_conv(3, 7, dilation=2).double()
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    params = (conv.weight, conv.bias)
+
+    def plain(x, weight, bias):
+        return F.conv2d(x, weight, bias, padding=conv.padding, dilation=conv.dilation, groups=3)
+
+    def fast(x, weight, bias):
+        return torch.func.functional_call(conv, {'weight': weight, 'bias': bias}, (x,))
+
+    assert type(fast(x, *params).grad_fn).__name__ == '_SameDepthwiseConvBackward'
+    small = multi_scale.depthwise_conv(2, 3, dilation=2).double()  # numerical checks: small
+    assert torch.autograd.gradgradcheck(
+        lambda x, weight, bias: torch.func.functional_call(small, {'weight': weight, 'bias': bias},
+                                                           (x,)),
+        (torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True), small.weight,
+         small.bias))
+    penalties = []
+    for function in (fast, plain):
+        grad_x, = torch.autograd.grad(function(x, *params).square().sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(grad_x.square().sum(), params))
+    for got, expected in zip(*penalties):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+    def per_sample(function):
+        def loss(weight, bias, sample):
+            return function(sample[None], weight, bias).square().sum()
+        return torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(
+            conv.weight.detach(), conv.bias.detach(), x.detach())
+
+    for got, expected in zip(per_sample(fast), per_sample(plain)):
+        assert got.shape[0] == 2
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    primals = tuple(t.detach() for t in (x, *params))
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    got = torch.func.jvp(fast, primals, tangents)
+    expected = torch.func.jvp(plain, primals, tangents)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_forms_only_on_the_cpu():
+    # Other devices (here meta, shapes only) keep the general forms, gradients enabled.
+    conv = multi_scale.depthwise_conv(3, 7, dilation=2).to('meta')
+    x = torch.empty(2, 3, 6, 8, device='meta', requires_grad=True)
+    assert type(conv(x).grad_fn).__name__ == 'ConvolutionBackward0'
+    patches = torch.empty(2, 24, 3, device='meta')
+    assert not matmul_ops.uses_cpu_forms(patches) and not matmul_ops.uses_cuda_forms(patches)
+    assert multi_scale.pool_patch_grid(patches, (4, 6)).shape == (2, 6, 3)
+    cpu = torch.empty(1)
+    assert matmul_ops.uses_cpu_forms(cpu) and not matmul_ops.uses_cuda_forms(cpu)
+    with matmul_ops.cuda_forms():
+        assert not matmul_ops.uses_cpu_forms(cpu) and matmul_ops.uses_cuda_forms(cpu)
+    assert matmul_ops.uses_cpu_forms(cpu)
+
+
 def test_depthwise_conv_rejects_even_kernels():
     with pytest.raises(ValueError, match='kernel_size 4 is even'):
         multi_scale.DepthwiseConv2d(3, 4)
