@@ -247,19 +247,14 @@ class DepthwiseConv2d(nn.Conv2d):
         return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
 
 
-def depthwise_conv(dim: int, kernel_size: int, dilation: int = 1) -> nn.Conv2d:
-    """Depthwise conv with bias that keeps the spatial size."""
-    return DepthwiseConv2d(dim, kernel_size, dilation=dilation)
-
-
 class LargeKernelConv(nn.Module):
     """Depthwise 3x3, depthwise 7x7 dilated by 2, then pointwise 1x1: a large receptive field
     at a small cost. (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv0 = depthwise_conv(dim, 3)
-        self.conv_spatial = depthwise_conv(dim, 7, dilation=2)
+        self.conv0 = DepthwiseConv2d(dim, 3)
+        self.conv_spatial = DepthwiseConv2d(dim, 7, dilation=2)
         self.conv1 = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +275,7 @@ class ScaleFusion(nn.Module):
         super().__init__()
         self.grid = tuple(grid)
         self.lka = LargeKernelConv(dim)
-        self.peg = depthwise_conv(dim, 3)
+        self.peg = DepthwiseConv2d(dim, 3)
         self.dense_depthwise = dense_depthwise
         small = large = None
         fits = self.grid[0] * self.grid[1] <= DENSE_DEPTHWISE_MAX_CELLS

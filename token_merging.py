@@ -216,7 +216,7 @@ def merge_tokens(
     # One sum of every token, in input order, into the token it goes to (a kept token goes
     # to itself; a prefix token too, with weight 1, so it passes through exactly): no gathered
     # copies on the gradient path, no strided views, no concatenation. The weights are divided
-    # by their destination's total first (small tensors), so that the scatter gives the means
+    # by their destination's total first (small tensors), so that the sum gives the means
     # and no pass over the merged tokens divides them afterwards.
     weights = F.pad(cls_attention, (num_prefix_tokens, 0), value=1.)  # (B, P + N)
     destination = torch.cat([torch.arange(num_prefix_tokens, device=x.device).expand(

@@ -37,11 +37,6 @@ DeviceLike = Union[str, torch.device]
 # Distributed
 # ----------------------------------------------------------------------------
 
-def amp_autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """``torch.autocast`` to ``amp_dtype`` on ``device``'s type; off when ``amp_dtype`` is None."""
-    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
 def is_dist_initialized() -> bool:
     """Return True when torch.distributed is available and a process group exists."""
     return dist.is_available() and dist.is_initialized()
@@ -125,6 +120,11 @@ def resolve_device(device: DeviceLike) -> torch.device:
                       stacklevel=2)
         return torch.device("cpu")
     return resolved
+
+
+def amp_autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``amp_dtype`` on ``device``'s type; off when ``amp_dtype`` is None."""
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
 def init_distributed(device: DeviceLike, dist_url: str = "env://",

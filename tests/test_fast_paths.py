@@ -431,11 +431,8 @@ def test_mergence_gathers_similarity_tokens_in_half_precision(forms, gather):
     x = torch.cat([torch.randn(2, 1, 32, generator=gen), kept, pruned], dim=1)
     scores = torch.cat([torch.linspace(0.2, 0.1, 6), torch.full((4,), 0.01)]).expand(2, -1)
     fp32 = models_mtvit.merge_tokens(x, scores, 6)
-    with contextlib.ExitStack() as stack:
-        if forms == 'cuda':
-            stack.enter_context(cuda_forms())
-        stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))
-        ops = stack.enter_context(KernelOps())
+    with cuda_forms() if forms == 'cuda' else contextlib.nullcontext(), \
+            torch.autocast('cpu', dtype=torch.bfloat16), KernelOps() as ops:
         bf16 = models_mtvit.merge_tokens(x, scores, 6)
     gathers = [cost for cost in ops.costs if cost.name == gather and cost.bytes > 2 * 10 * 32]
     assert len(gathers) == 1

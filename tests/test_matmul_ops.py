@@ -37,7 +37,7 @@ import multi_scale  # noqa: E402
 def test_depthwise_as_matmul_equals_conv2d(kernel, dilation, grid):
     channels, batch = 5, 3
     torch.manual_seed(kernel * 100 + grid[0] * 10 + grid[1])
-    conv = multi_scale.depthwise_conv(channels, kernel, dilation=dilation).double()
+    conv = multi_scale.DepthwiseConv2d(channels, kernel, dilation=dilation).double()
     with torch.no_grad():
         conv.bias.normal_()
     assert tuple(conv.weight.shape) == (channels, 1, kernel, kernel)
@@ -140,7 +140,7 @@ def test_to_autocast_dtype_casts_what_autocast_casts():
 def test_depthwise_conv_backward_equals_conv2d(kernel, dilation, layout):
     channels, batch, grid = 5, 3, (6, 8)
     torch.manual_seed(kernel + 10 * dilation)
-    conv = multi_scale.depthwise_conv(channels, kernel, dilation=dilation).double()
+    conv = multi_scale.DepthwiseConv2d(channels, kernel, dilation=dilation).double()
     assert isinstance(conv, torch.nn.Conv2d) and conv.padding == (dilation * (kernel - 1) // 2,) * 2
     with torch.no_grad():
         conv.bias.normal_()
@@ -177,7 +177,7 @@ def test_depthwise_conv_higher_derivatives_equal_conv2d():
     # What nn.Conv2d's autograd offers, the faster backward does too: double backward (gradient
     # penalties), torch.func's grad and vmap (per-sample gradients), forward-mode jvp.
     torch.manual_seed(5)
-    conv = multi_scale.depthwise_conv(3, 7, dilation=2).double()
+    conv = multi_scale.DepthwiseConv2d(3, 7, dilation=2).double()
     x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
     params = (conv.weight, conv.bias)
 
@@ -188,7 +188,7 @@ def test_depthwise_conv_higher_derivatives_equal_conv2d():
         return torch.func.functional_call(conv, {'weight': weight, 'bias': bias}, (x,))
 
     assert type(fast(x, *params).grad_fn).__name__ == '_SameDepthwiseConvBackward'
-    small = multi_scale.depthwise_conv(2, 3, dilation=2).double()  # numerical checks: small
+    small = multi_scale.DepthwiseConv2d(2, 3, dilation=2).double()  # numerical checks: small
     assert torch.autograd.gradgradcheck(
         lambda x, weight, bias: torch.func.functional_call(small, {'weight': weight, 'bias': bias},
                                                            (x,)),
@@ -219,7 +219,7 @@ def test_depthwise_conv_higher_derivatives_equal_conv2d():
 
 def test_cpu_forms_only_on_the_cpu():
     # Other devices (here meta, shapes only) keep the general forms, gradients enabled.
-    conv = multi_scale.depthwise_conv(3, 7, dilation=2).to('meta')
+    conv = multi_scale.DepthwiseConv2d(3, 7, dilation=2).to('meta')
     x = torch.empty(2, 3, 6, 8, device='meta', requires_grad=True)
     assert type(conv(x).grad_fn).__name__ == 'ConvolutionBackward0'
     patches = torch.empty(2, 24, 3, device='meta')
