@@ -88,7 +88,9 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the autocast dtype where autocast would cast it (on, and ``x`` floating but not
     float64), as its matrix products would anyway, done once for several; else unchanged."""
     device = x.device.type
-    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    # cuda and cpu first: Dynamo of PyTorch 2.11 cannot trace is_autocast_available.
+    if ((device in ('cuda', 'cpu') or torch.amp.is_autocast_available(device))
+            and torch.is_autocast_enabled(device)
             and x.is_floating_point() and x.dtype != torch.float64):
         return x.to(torch.get_autocast_dtype(device))
     return x

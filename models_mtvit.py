@@ -297,7 +297,10 @@ class MTViT(nn.Module):
             embedded = [self.patch_embed(image) for image in images]
         cls_token = self.cls_token.expand(images[0].shape[0], -1, -1)
         tokens = torch.cat([part for patches in embedded for part in (cls_token, patches)], dim=1)
-        positions = pos_embeds[0] if len(pos_embeds) == 1 else torch.cat(list(pos_embeds), dim=1)
+        # (N, C) rows, not a (1, N, C) concatenation, whose backward would give each position
+        # table a gradient strided as the whole (DDP warns of the strides on every process).
+        positions = pos_embeds[0] if len(pos_embeds) == 1 else torch.cat(
+            [table[0] for table in pos_embeds])
         return self.pos_drop(tokens + positions)
 
     def _multi_scale_front(self, x: torch.Tensor) -> torch.Tensor:

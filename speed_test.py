@@ -56,16 +56,27 @@ MTVIT_S_MULTI = 'deit_small_patch16_shrink_base:multi_scale=true:base_keep_rate=
 MTVIT_S_SINGLE = 'deit_small_patch16_shrink_base:base_keep_rate=0.7'
 MTVIT_S_KEEP_1 = 'deit_small_patch16_shrink_base:base_keep_rate=1.0'
 SUITE_MODELS = (DEIT_S, MTVIT_S_MULTI, MTVIT_S_SINGLE, MTVIT_S_KEEP_1)
-# The README's GPU table: (mode, amp, batch sizes, compiled).
+# The README's GPU table: (part, mode, amp, batch sizes); the compiled parts compile each model.
 GPU_SUITE = (
-    ('inference', 'fp16', (1, 256, 1024), False),
-    ('inference', 'none', (256,), False),
-    ('train', 'bf16', (256,), False),
-    ('train', 'fp16', (128,), False),
-    ('inference', 'fp16', (256,), True),
-    ('train', 'bf16', (256,), True),
+    ('eager', 'inference', 'fp16', (1, 256, 1024)),
+    ('eager', 'inference', 'none', (256,)),
+    ('eager', 'train', 'bf16', (256,)),
+    ('eager', 'train', 'fp16', (128,)),
+    ('compiled-inference', 'inference', 'fp16', (256,)),
+    ('compiled-train', 'train', 'bf16', (256,)),
 )
-SUITES = {'gpu': (False, True), 'gpu-eager': (False,), 'gpu-compiled': (True,)}
+# --suite NAME: the parts it runs ('compile-time': each of COMPILE_TIME_MODELS compiled in a
+# fresh process). On an H200 with PyTorch 2.11, gpu-eager took 70 s and gpu-compiled-inference
+# 6.5 minutes: several parts in one call of a time-limited machine may not fit.
+SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train'),
+          'gpu-eager': ('eager',),
+          'gpu-compiled': ('compile-time', 'compiled-inference', 'compiled-train'),
+          'gpu-compiled-inference': ('compile-time', 'compiled-inference'),
+          'gpu-compiled-train': ('compiled-train',)}
+# Where a compilation's time goes (torch._dynamo's timers), as --suite prints it.
+COMPILE_PHASES = {'bytecode_tracing': 'Dynamo tracing',
+                  'create_aot_dispatcher_function': 'AOT autograd and inductor',
+                  'async_compile.wait': 'waiting for kernels'}
 # Compile time is measured for these, each in a fresh process.
 COMPILE_TIME_MODELS = (DEIT_S, MTVIT_S_MULTI)
 
@@ -372,8 +383,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             synchronize(device)
             compile_seconds[spec] = time.perf_counter() - start
             if len(models) == 1:  # where a lone compilation spent its time
-                from torch._dynamo.utils import compile_times
-                compile_phases = compile_times(repr='str', aggregate=True)
+                compile_phases = _compile_phases()
         timed.append(_Timed(spec, step, batch_size))
     peak = {}
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
@@ -430,9 +440,21 @@ def _write_json(path: Optional[str], device: torch.device, records: List[dict]):
             json.dump({'environment': environment(device), 'records': records}, handle, indent=1)
 
 
-def measure_compile_time(spec: str, args, device: torch.device) -> float:
-    """Seconds to compile ``spec`` and run its first fp16 inference batch, in a fresh process
-    (a process's first compilation also pays for starting the compiler: each model alike)."""
+def _compile_phases() -> dict:
+    """Seconds of each of the process's compilation phases (torch._dynamo's timers, summed),
+    and the number of kernels inductor generated."""
+    from torch._dynamo.utils import compile_times
+    from torch._inductor import metrics
+    names, seconds = compile_times(repr='csv', aggregate=True)
+    phases = {name: float(value) for name, value in zip(names, seconds)}
+    phases['generated_kernels'] = metrics.generated_kernel_count
+    return phases
+
+
+def measure_compile_time(spec: str, args, device: torch.device) -> dict:
+    """Compiles ``spec`` and runs its first fp16 inference batch in a fresh process (a
+    process's first compilation also pays for starting the compiler: each model alike); returns
+    ``compile_s``, the seconds that took, and ``compile_phases`` (``_compile_phases``)."""
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'compile.json')
@@ -445,7 +467,8 @@ def measure_compile_time(spec: str, args, device: torch.device) -> float:
                    TRITON_CACHE_DIR=os.path.join(folder, 'triton'))
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
         with open(path) as handle:
-            return json.load(handle)['records'][0]['first_step_s']
+            record = json.load(handle)['records'][0]
+        return dict(compile_s=record['first_step_s'], compile_phases=record['compile_phases'])
 
 
 def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], args: argparse.Namespace,
@@ -475,20 +498,25 @@ def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], args: arg
 
 
 def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
-    """The README's GPU table: with the compiled rows, the compile times; then the GPU_SUITE
-    rows of ``--suite`` for SUITE_MODELS (the first three when compiled)."""
+    """The parts of the README's GPU table that ``--suite`` names (``SUITES``): the compile
+    times, then the GPU_SUITE rows for SUITE_MODELS (the first three when compiled)."""
     records = []
     parts = SUITES[args.suite]
     # Compile times first: each in a fresh process, before this one has compiled anything.
-    for spec in COMPILE_TIME_MODELS if True in parts else ():
-        seconds = measure_compile_time(spec, args, device)
-        print(f'compile time (fresh process, fp16 inference, first batch): {spec}: {seconds:.1f} s',
-              flush=True)
-        records.append(dict(model=spec, mode='compile', amp='fp16', compile_s=seconds))
+    for spec in COMPILE_TIME_MODELS if 'compile-time' in parts else ():
+        measured = measure_compile_time(spec, args, device)
+        phases = measured['compile_phases']
+        where = ', '.join(f'{label} {phases[name]:.1f} s' for name, label in COMPILE_PHASES.items()
+                          if name in phases)
+        print(f'compile time (fresh process, fp16 inference, first batch): {spec}: '
+              f'{measured["compile_s"]:.1f} s ({where}; {phases["generated_kernels"]} kernels '
+              f'generated)', flush=True)
+        records.append(dict(model=spec, mode='compile', amp='fp16', **measured))
         _write_json(args.json, device, records)
-    for mode, amp, batch_sizes, compiled in GPU_SUITE:
-        if compiled not in parts:
+    for part, mode, amp, batch_sizes in GPU_SUITE:
+        if part not in parts:
             continue
+        compiled = part != 'eager'
         args.amp = amp
         specs = SUITE_MODELS if not compiled else SUITE_MODELS[:3]
         models = _build_models(specs, args, device)

@@ -379,9 +379,9 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
              f'{tiny}:base_keep_rate=1.0')
     monkeypatch.setattr(speed_test, 'SUITE_MODELS', specs)
     monkeypatch.setattr(speed_test, 'COMPILE_TIME_MODELS', specs[:2])
-    monkeypatch.setattr(speed_test, 'GPU_SUITE', (('inference', 'fp16', (1, 2), False),
-                                                  ('train', 'bf16', (2,), False),
-                                                  ('inference', 'fp16', (2,), True)))
+    monkeypatch.setattr(speed_test, 'GPU_SUITE', (('eager', 'inference', 'fp16', (1, 2)),
+                                                  ('eager', 'train', 'bf16', (2,)),
+                                                  ('compiled-inference', 'inference', 'fp16', (2,))))
     path = tmp_path / 'suite.json'
     records = speed_test.main(speed_test.get_args_parser().parse_args([
         '--suite', 'gpu', '--device', 'cpu', '--input-size', '32', '--iterations', '1',
@@ -390,6 +390,10 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
     compile_rows = [r for r in records if r['mode'] == 'compile']
     assert [r['model'] for r in compile_rows] == list(specs[:2])
     assert all(r['compile_s'] > 0 for r in compile_rows)
+    for row in compile_rows:  # where each compilation's time went, from its own process
+        phases = row['compile_phases']
+        assert 0 < phases['bytecode_tracing'] < phases['_compile.compile_inner'] <= row['compile_s']
+        assert phases['generated_kernels'] > 0
     rows = {}
     for record in records[len(compile_rows):]:
         key = (record['mode'], record['amp'], record['batch_size'], record['compiled'])
@@ -402,3 +406,13 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
         assert record['images_per_s'] > 0
         assert ('latency_ms' in record) == (record['batch_size'] == 1)
         assert ('first_step_s' in record) == record['compiled']
+
+
+def test_speed_test_suites_split_the_table():
+    # Every part of the table is in the whole suite, and the halves split it.
+    import speed_test
+    parts = {part for part, *_ in speed_test.GPU_SUITE} | {'compile-time'}
+    assert set(speed_test.SUITES['gpu']) == parts
+    assert set(speed_test.SUITES['gpu-eager']) | set(speed_test.SUITES['gpu-compiled']) == parts
+    assert set(speed_test.SUITES['gpu-compiled-inference']) | set(
+        speed_test.SUITES['gpu-compiled-train']) == set(speed_test.SUITES['gpu-compiled'])

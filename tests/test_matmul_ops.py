@@ -131,6 +131,22 @@ def test_to_autocast_dtype_casts_what_autocast_casts():
         assert matmul_ops.to_autocast_dtype(meta) is meta
 
 
+def test_to_autocast_dtype_compiles_where_autocast_availability_cannot_be_traced(monkeypatch):
+    # PyTorch 2.11's Dynamo cannot trace torch.amp.is_autocast_available (seen on an H200: the
+    # whole-graph compile of MTViT under autocast stopped there); for cuda and cpu tensors it is
+    # not asked.
+    monkeypatch.setattr(torch.amp, 'is_autocast_available',
+                        torch._dynamo.disable(torch.amp.is_autocast_available))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(matmul_ops.to_autocast_dtype, backend='eager', fullgraph=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert compiled(torch.ones(2)).dtype == torch.bfloat16
+        assert compiled(torch.ones(2)).dtype == torch.float32
+    finally:
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. multi_scale's CPU forms
 # ---------------------------------------------------------------------------------------------
