@@ -501,7 +501,8 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
         model, opt=args.opt, lr=scaled_lr(args.lr, args.batch_size, dist_state.world_size),
         weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
         betas=args.opt_betas,
-        decay_position_embeddings=is_mtvit(args.model) and args.pos_embed_decay)
+        decay_position_embeddings=is_mtvit(args.model) and args.pos_embed_decay,
+        fused=device.type == 'cuda')
     state = TrainingState(
         model=model, optimizer=optimizer,
         lr_scheduler=build_scheduler(

@@ -317,6 +317,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', choices=tuple(AMP_DTYPES), default='none',
                         help='autocast dtype (default none: float32)')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--compile-mode', default=None,
+                        choices=('default', 'reduce-overhead', 'max-autotune'),
+                        help='torch.compile\'s mode (reduce-overhead: CUDA graphs, for the '
+                             'host-bound small batches); with --compile')
     parser.add_argument('--channels-last', action='store_true',
                         help='models and images in channels-last memory format')
     parser.add_argument('--input-size', type=int, default=224)
@@ -395,6 +399,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
     for spec, values in results.items():
         record = dict(model=spec, mode=mode, amp=args.amp, batch_size=batch_size,
                       compiled=compiled, channels_last=args.channels_last,
+                      compile_mode=(args.compile_mode or 'default') if compiled else None,
                       input_size=args.input_size, images_per_s=medians[spec],
                       rounds=values, ratio=medians[spec] / reference,
                       iterations=settings['iterations'], repeats=settings['repeats'])
@@ -410,6 +415,11 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             record['profile'] = profile_step(steps[spec], device, args.profile)
         records.append(record)
     return records
+
+
+def compile_models(models: Dict[str, nn.Module], args) -> Dict[str, nn.Module]:
+    """Each model under ``torch.compile`` in ``--compile-mode``."""
+    return {spec: torch.compile(model, mode=args.compile_mode) for spec, model in models.items()}
 
 
 def print_records(records: Sequence[dict], device: torch.device):
@@ -521,7 +531,7 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
         specs = SUITE_MODELS if not compiled else SUITE_MODELS[:3]
         models = _build_models(specs, args, device)
         if compiled:
-            models = {spec: torch.compile(model) for spec, model in models.items()}
+            models = compile_models(models, args)
         for batch_size in batch_sizes:
             rows = compare(models, mode, batch_size, args, device, settings, compiled)
             print_records(rows, device)
@@ -543,6 +553,8 @@ def main(args: argparse.Namespace) -> List[dict]:
     defaults = CPU_DEFAULTS if device.type == 'cpu' else GPU_DEFAULTS
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in defaults.items() if key != 'batch_size'}
+    if args.compile_mode and not args.compile:
+        raise ValueError('--compile-mode needs --compile')
     if args.suite:
         if args.models or args.batch_size or args.compile or args.amp != 'none':
             raise ValueError('--suite fixes the models, batch sizes, precision and compilation: '
@@ -566,7 +578,7 @@ def main(args: argparse.Namespace) -> List[dict]:
         _write_json(args.json, device, records)
         return records
     if args.compile:
-        models = {spec: torch.compile(model) for spec, model in models.items()}
+        models = compile_models(models, args)
     batch_sizes = args.batch_size or [defaults['batch_size']]
     for mode in modes:
         for batch_size in batch_sizes:

@@ -3,6 +3,7 @@ settings; the run's state saved to and restored from a checkpoint, at an epoch's
 epoch; the epoch loop; and preemption by SIGTERM or SIGUSR1, which ends the run with a mid-epoch
 checkpoint from which ``--resume`` continues exactly."""
 import datetime
+import inspect
 import json
 import os
 import signal
@@ -36,6 +37,10 @@ class Preempted(Exception):
         self.exit_status = 128 + signal_number
 
 
+# Optimizer settings that choose how, not what, it computes.
+IMPLEMENTATION_KEYS = ('fused', 'foreach')
+
+
 def scaled_lr(lr: float, batch_size: int, world_size: int) -> float:
     """DeiT's linear scaling: ``lr`` is per ``LR_REFERENCE_BATCH`` images of the global batch."""
     return lr * batch_size * world_size / LR_REFERENCE_BATCH
@@ -43,15 +48,21 @@ def scaled_lr(lr: float, batch_size: int, world_size: int) -> float:
 
 def build_optimizer(model: nn.Module, *, opt: str, lr: float, weight_decay: float,
                     momentum: float, eps: float, betas: Optional[Sequence[float]] = None,
-                    decay_position_embeddings: bool = True) -> torch.optim.Optimizer:
+                    decay_position_embeddings: bool = True,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """timm's optimizer ``opt`` over ``model``'s parameters, with weight decay on all but the
     1-d ones (biases, norms) and those ``model.no_weight_decay()`` names.
+
+    ``fused=True`` takes torch's one-kernel implementation where ``opt``'s class has one (Adam,
+    AdamW, SGD; others are unchanged). Besides fewer launches, it takes the GradScaler's
+    overflow check as a device tensor, where the others make ``GradScaler.step`` read it on the
+    host: with fp16 autocast, a wait for the GPU at every step.
 
     ``decay_position_embeddings=True`` decays the position embeddings even where the model
     names them: the original release's MTViT excluded ``pos_embed_list``, a name that matched
     no parameter, so its optimizer decayed ``pos_embed_list.0/1`` and ``pos_embed``.
     """
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    from timm.optim import create_optimizer_v2, get_optimizer_class, param_groups_weight_decay
     no_decay = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
     if decay_position_embeddings:
         no_decay = {name for name in no_decay
@@ -61,6 +72,8 @@ def build_optimizer(model: nn.Module, *, opt: str, lr: float, weight_decay: floa
     kwargs = dict(eps=eps)
     if betas:
         kwargs['betas'] = tuple(betas)
+    if fused and 'fused' in inspect.signature(get_optimizer_class(opt, bind_defaults=False)).parameters:
+        kwargs['fused'] = True
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay,
                                momentum=momentum, **kwargs)
 
@@ -150,7 +163,13 @@ class TrainingState:
                 raise CheckpointError(f'{where} in {saved_world} processes: resume it with as '
                                       f'many (not {world_size})')
         check_optimizer_state(self.optimizer, checkpoint['optimizer'], path)
+        # The saved groups bring their run's implementation (fused or foreach, chosen by its
+        # device); this run keeps the one chosen for its own.
+        implementation = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group}
+                          for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint['optimizer'])
+        for group, chosen in zip(self.optimizer.param_groups, implementation):
+            group.update(chosen)
         self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
         if checkpoint.get('scaler'):  # empty when saved without fp16 AMP: nothing to restore
             self.loss_scaler.load_state_dict(checkpoint['scaler'])

@@ -231,6 +231,14 @@ def test_speed_test_malformed_spec_exits_2_with_one_line():
     assert lines[0].startswith('speed_test.py: error: ') and "'foo'" in lines[0]
 
 
+def test_speed_test_compile_mode_needs_compile():
+    import speed_test
+    args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', '--compile-mode',
+                                                    'reduce-overhead'])
+    with pytest.raises(ValueError, match='--compile-mode needs --compile'):
+        speed_test.main(args)
+
+
 def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
     path = tmp_path / 'speed.json'
     result = run_speed_test('deit_small_patch16_shrink_base:base_keep_rate=0.5', '--input-size',
@@ -406,6 +414,7 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
         assert record['images_per_s'] > 0
         assert ('latency_ms' in record) == (record['batch_size'] == 1)
         assert ('first_step_s' in record) == record['compiled']
+        assert record['compile_mode'] == ('default' if record['compiled'] else None)
 
 
 def test_speed_test_suites_split_the_table():

@@ -305,6 +305,54 @@ def test_optimizer_state_of_another_parameter_order_is_refused(tmp_path):
                       path='x.pth')
 
 
+@pytest.mark.parametrize('opt,fused', [('adamw', True), ('sgd', True), ('lamb', None)])
+def test_fused_optimizer_steps_fp16_without_reading_the_overflow_check(opt, fused, monkeypatch):
+    # main.py asks for fused optimizers on CUDA: where the class has one, GradScaler hands it
+    # the overflow check as a tensor; otherwise GradScaler.step reads it on the host (.item()),
+    # with fp16 autocast a wait for the GPU at every step.
+    model = nn.Linear(4, 3)
+    optimizer = training.build_optimizer(model, opt=opt, lr=0.1, weight_decay=0.05,
+                                         momentum=0.9, eps=1e-8, fused=True)
+    assert optimizer.defaults.get('fused') is fused
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 4)
+    before = model.weight.detach().clone()
+    scaler.scale(model(torch.randn(2, 4)).square().sum()).backward()
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, 'item', lambda self: reads.append(1) or item(self))
+    scaler.step(optimizer)
+    scaler.update()
+    monkeypatch.undo()
+    assert (len(reads) == 0) == bool(fused), reads
+    assert not torch.equal(model.weight, before)  # it stepped
+
+
+def test_restore_keeps_this_runs_optimizer_implementation():
+    # A checkpoint's groups carry its run's choice (here foreach); a run on CUDA that resumes
+    # it keeps its fused optimizer.
+    model = nn.Linear(4, 3)
+    settings = dict(opt='adamw', lr=0.1, weight_decay=0.05, momentum=0.9, eps=1e-8)
+    saved = training.build_optimizer(model, **settings)
+    for group in saved.param_groups:
+        group['foreach'] = True
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    fused = training.build_optimizer(model, **settings, fused=True)
+    state = training.TrainingState(model=model, optimizer=fused, lr_scheduler=None,
+                                   loss_scaler=None)
+
+    class Scheduler:
+        def load_state_dict(self, state_dict):
+            self.loaded = state_dict
+
+    state.lr_scheduler = Scheduler()
+    state.restore({'optimizer': saved.state_dict(), 'lr_scheduler': {}, 'epoch': 0}, rank=0,
+                  world_size=1, batch_size=8, path='x.pth')
+    assert [group['fused'] for group in fused.param_groups] == [True, True]
+    assert not any(group['foreach'] for group in fused.param_groups)
+    assert fused.state_dict()['state'][0]['step'] == 1  # the saved state is loaded
+
+
 # ---------------------------------------------------------------------------------------------
 # Other timm models: a ResNet baseline, a distilled DeiT trained with both heads
 # ---------------------------------------------------------------------------------------------
