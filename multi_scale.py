@@ -201,8 +201,9 @@ class _SameDepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.flip(2, 3), **ctx.geometry)
         if ctx.needs_input_grad[1]:
-            # Viewed with the weight's strides: oneDNN's differ on the size-1 dimension, which
-            # DDP compares with its buckets' (it warns on every process).
+            # Given the weight's (standard) strides: oneDNN's differ on the size-1 dimension,
+            # which is_contiguous ignores (so .contiguous() keeps them) but DDP compares with
+            # its buckets' (it warns on every process).
             grad_weight = torch.nn.grad.conv2d_weight(
                 x, weight.shape, grad, **ctx.geometry).reshape(-1).view(weight.shape)
         if ctx.needs_input_grad[2]:

@@ -376,7 +376,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
     images = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    timed, compile_seconds, compile_phases = [], {}, None
+    timed, compile_seconds, compile_record = [], {}, {}
     for spec, model in models.items():
         step = (_inference_step(model, images, amp_dtype) if mode == 'inference'
                 else _training_step(model, images, args.num_classes, amp_dtype))
@@ -387,7 +387,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             synchronize(device)
             compile_seconds[spec] = time.perf_counter() - start
             if len(models) == 1:  # where a lone compilation spent its time
-                compile_phases = _compile_phases()
+                compile_record = _compile_record()
         timed.append(_Timed(spec, step, batch_size))
     peak = {}
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
@@ -409,8 +409,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             record['peak_memory_gib'] = peak[spec] / GIB
         if spec in compile_seconds:
             record['first_step_s'] = compile_seconds[spec]
-        if compile_phases:
-            record['compile_phases'] = compile_phases
+        record.update(compile_record)
         if args.profile:
             record['profile'] = profile_step(steps[spec], device, args.profile)
         records.append(record)
@@ -450,21 +449,20 @@ def _write_json(path: Optional[str], device: torch.device, records: List[dict]):
             json.dump({'environment': environment(device), 'records': records}, handle, indent=1)
 
 
-def _compile_phases() -> dict:
-    """Seconds of each of the process's compilation phases (torch._dynamo's timers, summed),
-    and the number of kernels inductor generated."""
+def _compile_record() -> dict:
+    """Where the process's compilations went: ``compile_phases``, the seconds of each phase
+    (torch._dynamo's timers, summed), and ``generated_kernels``, inductor's count."""
     from torch._dynamo.utils import compile_times
     from torch._inductor import metrics
     names, seconds = compile_times(repr='csv', aggregate=True)
-    phases = {name: float(value) for name, value in zip(names, seconds)}
-    phases['generated_kernels'] = metrics.generated_kernel_count
-    return phases
+    return dict(compile_phases={name: float(value) for name, value in zip(names, seconds)},
+                generated_kernels=metrics.generated_kernel_count)
 
 
 def measure_compile_time(spec: str, args, device: torch.device) -> dict:
     """Compiles ``spec`` and runs its first fp16 inference batch in a fresh process (a
     process's first compilation also pays for starting the compiler: each model alike); returns
-    ``compile_s``, the seconds that took, and ``compile_phases`` (``_compile_phases``)."""
+    ``compile_s``, the seconds that took, with ``_compile_record``'s fields."""
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'compile.json')
@@ -478,7 +476,8 @@ def measure_compile_time(spec: str, args, device: torch.device) -> dict:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
         with open(path) as handle:
             record = json.load(handle)['records'][0]
-        return dict(compile_s=record['first_step_s'], compile_phases=record['compile_phases'])
+        return dict(compile_s=record['first_step_s'], compile_phases=record['compile_phases'],
+                    generated_kernels=record['generated_kernels'])
 
 
 def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], args: argparse.Namespace,
@@ -519,7 +518,7 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
         where = ', '.join(f'{label} {phases[name]:.1f} s' for name, label in COMPILE_PHASES.items()
                           if name in phases)
         print(f'compile time (fresh process, fp16 inference, first batch): {spec}: '
-              f'{measured["compile_s"]:.1f} s ({where}; {phases["generated_kernels"]} kernels '
+              f'{measured["compile_s"]:.1f} s ({where}; {measured["generated_kernels"]} kernels '
               f'generated)', flush=True)
         records.append(dict(model=spec, mode='compile', amp='fp16', **measured))
         _write_json(args.json, device, records)

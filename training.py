@@ -3,7 +3,6 @@ settings; the run's state saved to and restored from a checkpoint, at an epoch's
 epoch; the epoch loop; and preemption by SIGTERM or SIGUSR1, which ends the run with a mid-epoch
 checkpoint from which ``--resume`` continues exactly."""
 import datetime
-import inspect
 import json
 import os
 import signal
@@ -39,6 +38,9 @@ class Preempted(Exception):
 
 # Optimizer settings that choose how, not what, it computes.
 IMPLEMENTATION_KEYS = ('fused', 'foreach')
+# Fused on CUDA since PyTorch 2.0-2.2 (timm's adam, adamw, sgd, nesterov, momentum), with the
+# loss scaler's overflow check taken on the device.
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 def scaled_lr(lr: float, batch_size: int, world_size: int) -> float:
@@ -53,10 +55,10 @@ def build_optimizer(model: nn.Module, *, opt: str, lr: float, weight_decay: floa
     """timm's optimizer ``opt`` over ``model``'s parameters, with weight decay on all but the
     1-d ones (biases, norms) and those ``model.no_weight_decay()`` names.
 
-    ``fused=True`` takes torch's one-kernel implementation where ``opt``'s class has one (Adam,
-    AdamW, SGD; others are unchanged). Besides fewer launches, it takes the GradScaler's
-    overflow check as a device tensor, where the others make ``GradScaler.step`` read it on the
-    host: with fp16 autocast, a wait for the GPU at every step.
+    ``fused=True`` takes torch's fused implementation where ``opt`` is one of FUSED_OPTIMIZERS
+    (others are unchanged). Besides fewer launches, it takes the GradScaler's overflow check as
+    a device tensor, where the others make ``GradScaler.step`` read it on the host: with fp16
+    autocast, a wait for the GPU at every step.
 
     ``decay_position_embeddings=True`` decays the position embeddings even where the model
     names them: the original release's MTViT excluded ``pos_embed_list``, a name that matched
@@ -72,7 +74,7 @@ def build_optimizer(model: nn.Module, *, opt: str, lr: float, weight_decay: floa
     kwargs = dict(eps=eps)
     if betas:
         kwargs['betas'] = tuple(betas)
-    if fused and 'fused' in inspect.signature(get_optimizer_class(opt, bind_defaults=False)).parameters:
+    if fused and issubclass(get_optimizer_class(opt, bind_defaults=False), FUSED_OPTIMIZERS):
         kwargs['fused'] = True
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay,
                                momentum=momentum, **kwargs)
@@ -163,13 +165,13 @@ class TrainingState:
                 raise CheckpointError(f'{where} in {saved_world} processes: resume it with as '
                                       f'many (not {world_size})')
         check_optimizer_state(self.optimizer, checkpoint['optimizer'], path)
-        # The saved groups bring their run's implementation (fused or foreach, chosen by its
-        # device); this run keeps the one chosen for its own.
-        implementation = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group}
-                          for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(checkpoint['optimizer'])
-        for group, chosen in zip(self.optimizer.param_groups, implementation):
-            group.update(chosen)
+        # The saved groups carry their run's implementation (fused or foreach, chosen for its
+        # device); this run keeps the one chosen for its own. Set before loading: torch places
+        # the loaded state by it (a fused Adam's step counts on the parameters' device).
+        saved = checkpoint['optimizer']
+        self.optimizer.load_state_dict({**saved, 'param_groups': [
+            {**group, **{key: own[key] for key in IMPLEMENTATION_KEYS if key in own}}
+            for group, own in zip(saved['param_groups'], self.optimizer.param_groups)]})
         self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
         if checkpoint.get('scaler'):  # empty when saved without fp16 AMP: nothing to restore
             self.loss_scaler.load_state_dict(checkpoint['scaler'])

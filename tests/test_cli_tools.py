@@ -387,9 +387,9 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
              f'{tiny}:base_keep_rate=1.0')
     monkeypatch.setattr(speed_test, 'SUITE_MODELS', specs)
     monkeypatch.setattr(speed_test, 'COMPILE_TIME_MODELS', specs[:2])
-    monkeypatch.setattr(speed_test, 'GPU_SUITE', (('eager', 'inference', 'fp16', (1, 2)),
-                                                  ('eager', 'train', 'bf16', (2,)),
-                                                  ('compiled-inference', 'inference', 'fp16', (2,))))
+    monkeypatch.setattr(speed_test, 'GPU_SUITE', (
+        ('eager', 'inference', 'fp16', (1, 2)), ('eager', 'train', 'bf16', (2,)),
+        ('compiled-inference', 'inference', 'fp16', (2,))))
     path = tmp_path / 'suite.json'
     records = speed_test.main(speed_test.get_args_parser().parse_args([
         '--suite', 'gpu', '--device', 'cpu', '--input-size', '32', '--iterations', '1',
@@ -401,7 +401,7 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
     for row in compile_rows:  # where each compilation's time went, from its own process
         phases = row['compile_phases']
         assert 0 < phases['bytecode_tracing'] < phases['_compile.compile_inner'] <= row['compile_s']
-        assert phases['generated_kernels'] > 0
+        assert row['generated_kernels'] > 0
     rows = {}
     for record in records[len(compile_rows):]:
         key = (record['mode'], record['amp'], record['batch_size'], record['compiled'])

@@ -305,10 +305,12 @@ def test_optimizer_state_of_another_parameter_order_is_refused(tmp_path):
                       path='x.pth')
 
 
-@pytest.mark.parametrize('opt,fused', [('adamw', True), ('sgd', True), ('lamb', None)])
-def test_fused_optimizer_steps_fp16_without_reading_the_overflow_check(opt, fused, monkeypatch):
-    # main.py asks for fused optimizers on CUDA: where the class has one, GradScaler hands it
-    # the overflow check as a tensor; otherwise GradScaler.step reads it on the host (.item()),
+@pytest.mark.parametrize('opt,fused', [('adamw', True), ('sgd', True), ('nesterov', True),
+                                       ('lamb', None), ('adagrad', None)])
+def test_fused_optimizers_take_the_loss_scalers_overflow_check_on_the_device(opt, fused,
+                                                                             monkeypatch):
+    # main.py asks for fused optimizers on CUDA: for FUSED_OPTIMIZERS, GradScaler hands the
+    # overflow check over as a tensor; otherwise GradScaler.step reads it on the host (.item()),
     # with fp16 autocast a wait for the GPU at every step.
     model = nn.Linear(4, 3)
     optimizer = training.build_optimizer(model, opt=opt, lr=0.1, weight_decay=0.05,
@@ -327,9 +329,17 @@ def test_fused_optimizer_steps_fp16_without_reading_the_overflow_check(opt, fuse
     assert not torch.equal(model.weight, before)  # it stepped
 
 
-def test_restore_keeps_this_runs_optimizer_implementation():
+class LoadedScheduler:
+    """A scheduler that only records the state it is given."""
+
+    def load_state_dict(self, state_dict):
+        self.state = state_dict
+
+
+def test_restore_keeps_this_runs_optimizer_implementation(monkeypatch):
     # A checkpoint's groups carry its run's choice (here foreach); a run on CUDA that resumes
-    # it keeps its fused optimizer.
+    # it keeps its fused optimizer, and torch must see that choice while it loads the state:
+    # it puts a fused Adam's step counts on the parameters' device, others' on the CPU.
     model = nn.Linear(4, 3)
     settings = dict(opt='adamw', lr=0.1, weight_decay=0.05, momentum=0.9, eps=1e-8)
     saved = training.build_optimizer(model, **settings)
@@ -338,18 +348,18 @@ def test_restore_keeps_this_runs_optimizer_implementation():
     model(torch.randn(2, 4)).sum().backward()
     saved.step()
     fused = training.build_optimizer(model, **settings, fused=True)
-    state = training.TrainingState(model=model, optimizer=fused, lr_scheduler=None,
+    seen_while_loading = []
+    load = fused.load_state_dict
+    monkeypatch.setattr(fused, 'load_state_dict', lambda state_dict: (
+        seen_while_loading.extend((g['fused'], g['foreach']) for g in state_dict['param_groups']),
+        load(state_dict))[1])
+    state = training.TrainingState(model=model, optimizer=fused, lr_scheduler=LoadedScheduler(),
                                    loss_scaler=None)
-
-    class Scheduler:
-        def load_state_dict(self, state_dict):
-            self.loaded = state_dict
-
-    state.lr_scheduler = Scheduler()
     state.restore({'optimizer': saved.state_dict(), 'lr_scheduler': {}, 'epoch': 0}, rank=0,
                   world_size=1, batch_size=8, path='x.pth')
-    assert [group['fused'] for group in fused.param_groups] == [True, True]
-    assert not any(group['foreach'] for group in fused.param_groups)
+    assert seen_while_loading == [(True, None), (True, None)]
+    assert [(group['fused'], group['foreach']) for group in fused.param_groups] == \
+        [(True, None), (True, None)]
     assert fused.state_dict()['state'][0]['step'] == 1  # the saved state is loaded
 
 
