@@ -131,7 +131,7 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
     num_patches = grid[0] * grid[1]
     if num_tokens != num_low + 1 + num_patches:
         raise ValueError(f'{num_tokens} tokens are not the two streams of a {grid[0]}x{grid[1]} '
-                         f'grid ({num_low} + {1 + grid[0] * grid[1]})')
+                         f'grid ({num_low} + {1 + num_patches})')
     for index, block in enumerate(blocks):
         if index == 0:
             attn = block.attn.forward_segments(block.norm1(x), (num_low, num_tokens - num_low))

@@ -1,6 +1,7 @@
 """The slow float64 reference of MTViT and the original release's state-dict layout, shared by
 the model tests (tests/test_models.py, tests/test_model_state_and_cost.py,
-tests/test_fast_paths.py) and the release-checkpoint test (tests/test_failures.py).
+tests/test_fast_paths.py) and the release-checkpoint test (tests/test_failures.py); and
+``DispatchRecorder``, with which tests see which operations run.
 
 Every reference is written straight from the method's definition, slowly and obviously:
 explicit Python loops over samples, heads and tokens, explicit softmax attention from the
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -24,6 +26,27 @@ import timm  # noqa: E402
 import models_mtvit  # noqa: E402,F401  (registers the models)
 
 LN_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording what runs
+# ---------------------------------------------------------------------------------------------
+
+class DispatchRecorder(TorchDispatchMode):
+    """Within it, ``records`` collects ``record(func, args, out)`` for each aten operation
+    dispatched (``func`` its overload, ``out`` its result), where that is not None."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+        self.records = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        entry = self.record(func, args, out)
+        if entry is not None:
+            self.records.append(entry)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

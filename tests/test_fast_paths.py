@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -35,8 +34,8 @@ import models_mtvit  # noqa: E402
 from multi_scale import MULTI_SCALE_BLOCKS, run_per_stream, run_two_scales  # noqa: E402
 from op_costs import KernelOps  # noqa: E402
 import utils  # noqa: E402
-from mtvit_reference import (assert_reductions_equal, images, make_model, ref_forward,  # noqa: E402
-                             reduction_sizes, tiny_kwargs)
+from mtvit_reference import (DispatchRecorder, assert_reductions_equal, images,  # noqa: E402
+                             make_model, ref_forward, reduction_sizes, tiny_kwargs)
 
 FUSION_CONVS = ('lka.conv0', 'lka.conv_spatial', 'lka.conv1', 'peg')
 
@@ -242,18 +241,9 @@ def test_two_scales_as_one_tensor_equal_and_fewer_operations():
     assert joint.count <= 0.65 * per_stream.count, (joint.count, per_stream.count)
 
 
-class SliceGradients(TorchDispatchMode):
-    """Records the shapes of the gradients that slices' backwards write."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ == 'slice_backward':
-            self.shapes.append(tuple(out.shape))
-        return out
+def slice_gradient_shape(func, args, out):
+    """The shape of the gradient a slice's backward writes (None for other operations)."""
+    return tuple(out.shape) if func.overloadpacket.__name__ == 'slice_backward' else None
 
 
 @pytest.mark.parametrize('joint', [False, True])
@@ -266,11 +256,11 @@ def test_front_end_backward_writes_no_sliced_token_gradients(joint):
         patch_size=16, img_size=64, drop_loc=(3,), base_keep_rate=0.6, multi_scale=True))
     model.matmul_embed = joint
     logits = model(images(2, 64, seed=3, double=False))
-    with SliceGradients() as slices:
+    with DispatchRecorder(slice_gradient_shape) as slices:
         logits.logsumexp(dim=1).sum().backward()
-    assert slices.shapes, 'the class attention slices: the recording is not empty'
-    assert all(len(shape) == 4 or shape[-1] != model.embed_dim for shape in slices.shapes), \
-        slices.shapes
+    assert slices.records, 'the class attention slices: the recording is not empty'
+    assert all(len(shape) == 4 or shape[-1] != model.embed_dim for shape in slices.records), \
+        slices.records
 
 
 @pytest.mark.parametrize('img_size', [(64, 96), (96, 64)])

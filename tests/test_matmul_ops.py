@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -26,6 +25,7 @@ if REPO not in sys.path:
 
 import matmul_ops  # noqa: E402
 import multi_scale  # noqa: E402
+from mtvit_reference import DispatchRecorder  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,17 +253,11 @@ def test_depthwise_conv_rejects_even_kernels():
         multi_scale.DepthwiseConv2d(3, 4)
 
 
-class Reductions(TorchDispatchMode):
-    """Records the dimensions each sum or mean reduces."""
-
-    def __init__(self):
-        super().__init__()
-        self.dims = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ('sum', 'mean') and len(args) > 1:
-            self.dims.append(tuple(args[1]))
-        return func(*args, **(kwargs or {}))
+def reduced_dimensions(func, args, out):
+    """The dimensions a sum or mean reduces (None for other operations)."""
+    if func.overloadpacket.__name__ in ('sum', 'mean') and len(args) > 1:
+        return tuple(args[1])
+    return None
 
 
 @pytest.mark.parametrize('forms', ['cpu', 'cuda'])
@@ -297,7 +291,7 @@ def test_cell_pooling_and_broadcasts_equal_reference(forms):
     }
     for name, (function, reference) in outputs.items():
         with matmul_ops.cuda_forms() if forms == 'cuda' else contextlib.nullcontext(), \
-                Reductions() as reductions:
+                DispatchRecorder(reduced_dimensions) as reductions:
             got = function()
             grads = torch.autograd.grad(got, (patches, low), torch.ones_like(got),
                                         allow_unused=True)
@@ -310,6 +304,6 @@ def test_cell_pooling_and_broadcasts_equal_reference(forms):
             if value is not None:
                 torch.testing.assert_close(value, reference_grad, rtol=1e-15, atol=1e-15,
                                            msg=name)
-        assert reductions.dims, f'{name}: something reduces the 2x2 cells'
-        assert all((len(dims) == 1) == (forms == 'cpu') for dims in reductions.dims), \
-            (name, reductions.dims)
+        assert reductions.records, f'{name}: something reduces the 2x2 cells'
+        assert all((len(dims) == 1) == (forms == 'cpu') for dims in reductions.records), \
+            (name, reductions.records)

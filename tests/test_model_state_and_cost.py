@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtvit_reference import (LN_EPS, images, make_model, reduction_sizes, release_keys, release_shapes,
-                             tiny_kwargs)
+from mtvit_reference import (LN_EPS, DispatchRecorder, images, make_model, reduction_sizes,
+                             release_keys, release_shapes, tiny_kwargs)
 
 # Imported here, not inside the tests: a missing module or a renamed function fails, never skips.
 import models_mtvit  # noqa: F401  (registers the models with timm)
@@ -152,21 +152,9 @@ def test_training_step_gradients(multi_scale):
 # ---------------------------------------------------------------------------------------------
 
 def _dispatched_ops(model, x, **kwargs):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    recorder = Recorder()
-    with torch.no_grad(), recorder:
+    with torch.no_grad(), DispatchRecorder(lambda func, args, out: str(func)) as recorder:
         model(x, **kwargs)
-    return recorder.ops
+    return recorder.records
 
 
 SYNC_OPS = ('aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.unique',
