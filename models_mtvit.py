@@ -317,8 +317,10 @@ class MTViT(nn.Module):
                                     mode='bilinear', align_corners=True)
             # One stream after the other: on the CPU the joint tensors' larger allocations cost
             # more (page faults) than the operations saved (MTViT-S's front end: 5% at batch 32).
-            x_low, x_high = run_per_stream(blocks, self._embed([low_res], self.pos_embed_list[:1]),
-                                           self._embed([x], self.pos_embed_list[1:]), self.grid)
+            # Indexed, not sliced: PyTorch 2.11's Dynamo cannot trace a ParameterList's slice.
+            low_table, high_table = self.pos_embed_list
+            x_low, x_high = run_per_stream(blocks, self._embed([low_res], [low_table]),
+                                           self._embed([x], [high_table]), self.grid)
         return self.up(x_high, x_low)
 
     def forward_features(self, x: torch.Tensor, keep_rate=None, tokens=None

@@ -4,6 +4,8 @@ rather than compiled.
 
 Run: ``python -m pytest tests/test_compile.py -q`` from the repository root.
 """
+import types
+
 import torch
 
 import token_merging
@@ -84,3 +86,69 @@ def test_compiled_models_sort_through_descending_order():
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == 'call_function']
     assert sum('descending_order' in target for target in targets) == 2
     assert not any('sort' in target for target in targets if 'descending_order' not in target)
+
+
+def _sort_targets(graph: torch.fx.Graph):
+    """The sorting operations a graph calls, by name."""
+    return [str(node.target) for node in graph.nodes
+            if node.op == 'call_function' and ('sort' in str(node.target)
+                                               or 'descending_order' in str(node.target))]
+
+
+def _torch_whose_is_exporting_says_compiling() -> types.ModuleType:
+    """A copy of the torch module (and of torch.compiler) whose ``compiler.is_exporting`` answers
+    as PyTorch 2.11's Dynamo does: True whenever compiling. torch's own checks keep theirs."""
+    compiler = types.ModuleType('torch.compiler')
+    compiler.__dict__.update(torch.compiler.__dict__)
+    compiler.is_exporting = lambda: torch.compiler.is_compiling()
+    module = types.ModuleType('torch')
+    module.__dict__.update(torch.__dict__)
+    module.compiler = compiler
+    return module
+
+
+def test_compile_and_export_choose_their_sorts_by_export_flag(monkeypatch):
+    # PyTorch 2.11's Dynamo answers torch.compiler.is_exporting() with True under torch.compile
+    # (its sorts then compiled into Triton kernels: 116 s to compile MTViT-S on an H200).
+    # Compiled, the mergence must still sort through descending_order; exported, plainly.
+    model = make_model(seed=43, double=False, **tiny_kwargs(
+        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), embed_dim=32, num_heads=2,
+        base_keep_rate=0.5, multi_scale=True))
+    x = images(1, 64, seed=43, double=False)
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(token_merging, 'torch', _torch_whose_is_exporting_says_compiling())
+            with torch.no_grad():
+                torch.compile(model, backend=capture, fullgraph=True)(x)
+        assert _sort_targets(graphs[0].graph) == ['mtvit.descending_order.default'] * 2
+    finally:
+        torch._dynamo.reset()
+    exported = torch.export.export(model, (x,))
+    assert token_merging.exporting() is False
+    sorts = _sort_targets(exported.graph)
+    assert len(sorts) == 2 and not any('descending_order' in target for target in sorts), sorts
+
+
+def test_multi_scale_forward_indexes_rather_than_slices_parameter_lists(monkeypatch):
+    # PyTorch 2.11's Dynamo cannot trace a ParameterList's slice (slice.indices): fullgraph
+    # compilation of the multi-scale model on the CPU stopped at the position tables.
+    index_parameters = torch.nn.ParameterList.__getitem__
+
+    def no_slices(self, index):
+        if isinstance(index, slice):
+            raise TypeError('ParameterList sliced')
+        return index_parameters(self, index)
+
+    monkeypatch.setattr(torch.nn.ParameterList, '__getitem__', no_slices)
+    model = make_model(seed=44, double=False, **tiny_kwargs(
+        img_size=64, patch_size=16, depth=4, drop_loc=(3,), embed_dim=32, num_heads=2,
+        base_keep_rate=0.5, multi_scale=True))
+    with torch.no_grad():
+        assert torch.isfinite(model(images(1, 64, seed=44, double=False))).all()
