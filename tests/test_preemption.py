@@ -8,7 +8,6 @@ depend on the machine's speed: the criterion counts its calls and the process si
 """
 import os
 import signal
-import sys
 import textwrap
 
 import pytest
