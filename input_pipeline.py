@@ -397,6 +397,18 @@ class DeviceLoader:
     def __len__(self):
         return len(self.loader)
 
+    def start_workers(self) -> None:
+        """Forks the loader's persistent workers now rather than at its first pass.
+
+        A fork while another thread takes the GIL from outside Python (gloo's threads, as DDP's
+        gradient all-reduces finish) can leave the child deadlocked on a CPython without the fix
+        of gh-112275 (3.11.7 among them): a validation loader forked at the first evaluation,
+        right after a training epoch, then waits for that worker forever. What this first pass
+        reads ahead, the next one discards.
+        """
+        if self.loader.num_workers > 0:
+            iter(self.loader)
+
     @property
     def batch_size(self):
         return self.loader.batch_size

@@ -317,7 +317,7 @@ class MTViT(nn.Module):
                                     mode='bilinear', align_corners=True)
             # One stream after the other: on the CPU the joint tensors' larger allocations cost
             # more (page faults) than the operations saved (MTViT-S's front end: 5% at batch 32).
-            # Indexed, not sliced: PyTorch 2.11's Dynamo cannot trace a ParameterList's slice.
+            # Unpacked, not sliced: PyTorch 2.11's Dynamo cannot trace a ParameterList's slice.
             low_table, high_table = self.pos_embed_list
             x_low, x_high = run_per_stream(blocks, self._embed([low_res], [low_table]),
                                            self._embed([x], [high_table]), self.grid)

@@ -67,8 +67,8 @@ GPU_SUITE = (
 )
 # --suite NAME: the parts it runs ('compile-time': each of COMPILE_TIME_MODELS compiled in a
 # fresh process). On an H200 with PyTorch 2.11, gpu-eager took 70 s and the parts of
-# gpu-compiled-inference about 7 minutes: several parts in one call of a time-limited machine
-# may not fit.
+# gpu-compiled-inference about 7 minutes (its compile times before their fix, token_merging.
+# exporting): several parts in one call of a time-limited machine may not fit.
 SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train'),
           'gpu-eager': ('eager',),
           'gpu-compiled': ('compile-time', 'compiled-inference', 'compiled-train'),

@@ -136,12 +136,13 @@ def ranked_patches(cls_attention: torch.Tensor) -> torch.Tensor:
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (strict, through Dynamo, or not): the flag it sets.
+    """Whether torch.export is tracing, strict (through Dynamo) or non-strict: the flag it sets.
 
     Not ``torch.compiler.is_exporting()``: PyTorch 2.11's Dynamo answers it with True under
     torch.compile as well, which had compiled MTViT's sorts into the Triton kernels that
-    ``descending_order`` avoids (MTViT-S: 107 s of inductor compilation against 22 s, in one
-    thread on the CPU for an H100; 116 s on an H200). Later versions read the same flag.
+    ``descending_order`` avoids (docs/gpu_notes.md: MTViT-S's compilation took 116 s on an
+    H200). PyTorch 2.14's Dynamo answers ``is_exporting()`` from this flag. ``torch.jit.trace``
+    and the TorchScript-based ONNX exporter never ask: they are not compiling.
     """
     flag = getattr(torch.compiler, '_is_exporting_flag', None)
     return torch.compiler.is_exporting() if flag is None else flag

@@ -284,6 +284,8 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
         from tensorboardX import SummaryWriter
         warn_if_low_space(loop.output_dir, state.checkpoint_bytes())
         writer = SummaryWriter(logdir=os.path.join(loop.output_dir, 'runs'))
+    if hasattr(val_loader, 'start_workers'):
+        val_loader.start_workers()  # before any collective is in flight
     print(f'Start training for {loop.epochs} epochs')
     start_time = time.time()
     test_stats = None

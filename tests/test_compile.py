@@ -1,6 +1,7 @@
 """torch.compile of MTViT (inductor on the CPU): the same logits as eager, a bounded number of
 graphs over a keep-rate sweep, the CUDA paths compiled too, and the mergence's sort called
-rather than compiled.
+rather than compiled, also where Dynamo answers is_exporting() as PyTorch 2.11's does, while
+exported graphs keep the plain sort; no ParameterList slices (2.11's Dynamo cannot trace them).
 
 Run: ``python -m pytest tests/test_compile.py -q`` from the repository root.
 """
@@ -100,6 +101,7 @@ def _torch_whose_is_exporting_says_compiling() -> types.ModuleType:
     as PyTorch 2.11's Dynamo does: True whenever compiling. torch's own checks keep theirs."""
     compiler = types.ModuleType('torch.compiler')
     compiler.__dict__.update(torch.compiler.__dict__)
+    # (The copy's _is_exporting_flag stays False: only torch.compile runs under it.)
     compiler.is_exporting = lambda: torch.compiler.is_compiling()
     module = types.ModuleType('torch')
     module.__dict__.update(torch.__dict__)
@@ -127,18 +129,21 @@ def test_compile_and_export_choose_their_sorts_by_export_flag(monkeypatch):
             patched.setattr(token_merging, 'torch', _torch_whose_is_exporting_says_compiling())
             with torch.no_grad():
                 torch.compile(model, backend=capture, fullgraph=True)(x)
-        assert _sort_targets(graphs[0].graph) == ['mtvit.descending_order.default'] * 2
+        sorts = _sort_targets(graphs[0].graph)
+        assert len(sorts) == 2 and all('descending_order' in target for target in sorts), sorts
     finally:
         torch._dynamo.reset()
-    exported = torch.export.export(model, (x,))
+    for strict in (False, True):
+        sorts = _sort_targets(torch.export.export(model, (x,), strict=strict).graph)
+        assert len(sorts) == 2 and not any('descending_order' in target for target in sorts), (
+            strict, sorts)
     assert token_merging.exporting() is False
-    sorts = _sort_targets(exported.graph)
-    assert len(sorts) == 2 and not any('descending_order' in target for target in sorts), sorts
 
 
-def test_multi_scale_forward_indexes_rather_than_slices_parameter_lists(monkeypatch):
+def test_multi_scale_forward_unpacks_rather_than_slices_parameter_lists(monkeypatch):
     # PyTorch 2.11's Dynamo cannot trace a ParameterList's slice (slice.indices): fullgraph
-    # compilation of the multi-scale model on the CPU stopped at the position tables.
+    # compilation of the multi-scale model on the CPU stopped at the position tables. An eager
+    # stand-in: any slice fails here (on 2.11 the first test of this file fails too).
     index_parameters = torch.nn.ParameterList.__getitem__
 
     def no_slices(self, index):

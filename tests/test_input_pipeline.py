@@ -355,7 +355,8 @@ def test_build_loader_end_to_end(tmp_path):
     dataset, _ = datasets.build_dataset(True, 'IMNET', tmp_path, tensor_images=True,
                                         transform=input_pipeline.build_worker_transform(True, 36))
     runs = []
-    for num_workers in (0, 1):
+    # Workers started ahead (training does, for the validation loader): the same batches.
+    for num_workers, start_workers in ((0, False), (1, False), (2, True)):
         sampler = SeededSampler(torch.utils.data.SequentialSampler(dataset), seed=3, rank=0)
         loader = input_pipeline.build_loader(SeededDataset(dataset), 'cpu', 4, sampler=sampler,
                                              num_workers=num_workers,
@@ -363,14 +364,18 @@ def test_build_loader_end_to_end(tmp_path):
         assert len(loader) == len(loader.loader) == 3
         assert loader.batch_size == loader.loader.batch_size == 4
         assert loader.sampler is sampler is loader.loader.sampler
+        if start_workers:
+            loader.start_workers()
+            assert all(worker.is_alive() for worker in loader.loader._iterator._workers)
         runs.append(list(loader))
     low, high = (-MEAN / STD).min().item(), ((1 - MEAN) / STD).max().item()
-    for (images, targets), (images_1, targets_1) in zip(*runs):
+    for (images, targets), (images_1, targets_1), (images_2, targets_2) in zip(*runs):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 36, 36)
         assert images.is_contiguous()  # collated channels-last, made contiguous on the device
         assert targets.dtype == torch.int64 and targets.shape == images.shape[:1]
         assert low - 1e-5 <= images.min() and images.max() <= high + 1e-5
         assert torch.equal(images, images_1) and torch.equal(targets, targets_1)
+        assert torch.equal(images, images_2) and torch.equal(targets, targets_2)
     assert [len(targets) for _, targets in runs[0]] == [4, 4, 2]
     assert torch.cat([targets for _, targets in runs[0]]).tolist() == dataset.targets
 
