@@ -5,24 +5,58 @@ exported graphs keep the plain sort; no ParameterList slices (2.11's Dynamo cann
 
 Run: ``python -m pytest tests/test_compile.py -q`` from the repository root.
 """
+import contextlib
 import types
 
 import torch
+from torch._dynamo.utils import counters
 
 import token_merging
 from mtvit_reference import images, make_model, tiny_kwargs
 
 
-def test_compile_matches_eager_and_token_counts_bound_recompilations():
-    from torch._dynamo.utils import counters
-    # The smallest multi-scale model with 2 reductions after the front end.
-    model = make_model(seed=41, double=False, **tiny_kwargs(
-        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), embed_dim=32, num_heads=2,
+def _tiny_multi_scale(seed: int, depth: int = 5, drop_loc=(3, 4), train: bool = False):
+    """The smallest multi-scale model (float32), by default with 2 reductions after the front
+    end."""
+    return make_model(seed=seed, double=False, train=train, **tiny_kwargs(
+        img_size=64, patch_size=16, depth=depth, drop_loc=drop_loc, embed_dim=32, num_heads=2,
         base_keep_rate=0.5, multi_scale=True))
-    x = images(2, 64, seed=41, double=False)
+
+
+class _CaptureGraphs:
+    """A torch.compile backend that keeps each graph Dynamo hands it and runs it as it is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+
+def _sort_targets(graph: torch.fx.Graph):
+    """The sorting operations a graph calls, by name."""
+    return [str(node.target) for node in graph.nodes
+            if node.op == 'call_function' and ('sort' in str(node.target)
+                                               or 'descending_order' in str(node.target))]
+
+
+@contextlib.contextmanager
+def _fresh_dynamo():
+    """Dynamo's caches and counters empty within, and again after."""
     torch._dynamo.reset()
     counters.clear()
     try:
+        yield
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+
+
+def test_compile_matches_eager_and_token_counts_bound_recompilations():
+    model = _tiny_multi_scale(seed=41)
+    x = images(2, 64, seed=41, double=False)
+    with _fresh_dynamo():
         compiled = torch.compile(model, fullgraph=True)
         graphs = []
         for rate in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):
@@ -43,9 +77,6 @@ def test_compile_matches_eager_and_token_counts_bound_recompilations():
         with torch.no_grad():
             torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x),
                                        rtol=1e-4, atol=1e-4)
-    finally:
-        torch._dynamo.reset()
-        counters.clear()
 
 
 def test_compiled_models_sort_through_descending_order():
@@ -56,18 +87,10 @@ def test_compiled_models_sort_through_descending_order():
     expected = torch.tensor([[1, 2, 4, 3, 0], [0, 1, 2, 3, 4]])
     assert torch.equal(token_merging.descending_order(scores), expected)
     assert torch.equal(token_merging.ranked_patches(scores), expected)
-    model = make_model(seed=42, double=False, train=True, **tiny_kwargs(
-        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), embed_dim=32, num_heads=2,
-        base_keep_rate=0.5, multi_scale=True))
+    model = _tiny_multi_scale(seed=42, train=True)
     x = images(2, 64, seed=42, double=False)
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    try:
+    capture = _CaptureGraphs()
+    with _fresh_dynamo():
         for backend, compiled_grads in ((capture, None), ('aot_eager', {})):
             model.zero_grad(set_to_none=True)
             compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -78,22 +101,13 @@ def test_compiled_models_sort_through_descending_order():
         model.zero_grad(set_to_none=True)
         eager = model(x)
         eager.square().sum().backward()
-    finally:
-        torch._dynamo.reset()
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], param.grad, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, name=name: f'{name}: {m}')
-    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == 'call_function']
+    targets = _sort_targets(capture.graphs[0].graph)
     assert sum('descending_order' in target for target in targets) == 2
     assert not any('sort' in target for target in targets if 'descending_order' not in target)
-
-
-def _sort_targets(graph: torch.fx.Graph):
-    """The sorting operations a graph calls, by name."""
-    return [str(node.target) for node in graph.nodes
-            if node.op == 'call_function' and ('sort' in str(node.target)
-                                               or 'descending_order' in str(node.target))]
 
 
 def _torch_whose_is_exporting_says_compiling() -> types.ModuleType:
@@ -113,26 +127,15 @@ def test_compile_and_export_choose_their_sorts_by_export_flag(monkeypatch):
     # PyTorch 2.11's Dynamo answers torch.compiler.is_exporting() with True under torch.compile
     # (its sorts then compiled into Triton kernels: 116 s to compile MTViT-S on an H200).
     # Compiled, the mergence must still sort through descending_order; exported, plainly.
-    model = make_model(seed=43, double=False, **tiny_kwargs(
-        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), embed_dim=32, num_heads=2,
-        base_keep_rate=0.5, multi_scale=True))
+    model = _tiny_multi_scale(seed=43)
     x = images(1, 64, seed=43, double=False)
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    try:
-        with monkeypatch.context() as patched:
-            patched.setattr(token_merging, 'torch', _torch_whose_is_exporting_says_compiling())
-            with torch.no_grad():
-                torch.compile(model, backend=capture, fullgraph=True)(x)
-        sorts = _sort_targets(graphs[0].graph)
-        assert len(sorts) == 2 and all('descending_order' in target for target in sorts), sorts
-    finally:
-        torch._dynamo.reset()
+    capture = _CaptureGraphs()
+    with _fresh_dynamo(), monkeypatch.context() as patched:
+        patched.setattr(token_merging, 'torch', _torch_whose_is_exporting_says_compiling())
+        with torch.no_grad():
+            torch.compile(model, backend=capture, fullgraph=True)(x)
+    sorts = _sort_targets(capture.graphs[0].graph)
+    assert len(sorts) == 2 and all('descending_order' in target for target in sorts), sorts
     for strict in (False, True):
         sorts = _sort_targets(torch.export.export(model, (x,), strict=strict).graph)
         assert len(sorts) == 2 and not any('descending_order' in target for target in sorts), (
@@ -152,8 +155,6 @@ def test_multi_scale_forward_unpacks_rather_than_slices_parameter_lists(monkeypa
         return index_parameters(self, index)
 
     monkeypatch.setattr(torch.nn.ParameterList, '__getitem__', no_slices)
-    model = make_model(seed=44, double=False, **tiny_kwargs(
-        img_size=64, patch_size=16, depth=4, drop_loc=(3,), embed_dim=32, num_heads=2,
-        base_keep_rate=0.5, multi_scale=True))
+    model = _tiny_multi_scale(seed=44, depth=4, drop_loc=(3,))
     with torch.no_grad():
         assert torch.isfinite(model(images(1, 64, seed=44, double=False))).all()
