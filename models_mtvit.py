@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import register_model
 
+from fused_norms import add_and_norm, norm_for_matmul
 from matmul_ops import (bilinear_resize_matrix, embed_patches_as_matmul, to_autocast_dtype,
                         uses_cuda_forms)
 from multi_scale import MULTI_SCALE_BLOCKS, POOL, ScaleFusion, run_per_stream, run_two_scales
@@ -80,9 +81,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = True,
                  drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
-                 keep_rate: float = 1.):
+                 keep_rate: float = 1., fused_norms: bool = False):
         super().__init__()
         self.keep_rate = keep_rate
+        self.fused_norms = fused_norms
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
                               attn_drop=attn_drop, proj_drop=drop)
@@ -101,14 +103,19 @@ class Block(nn.Module):
         """Args: x (B, N, C). Returns x (B, K + 1, C) and the reduction made, or None."""
         num_keep = self.num_keep(x.shape[1] - 1, keep_rate, tokens)
         reduces = num_keep < x.shape[1] - 1
-        attn, cls_attention = self.attn(self.norm1(x), return_cls_attention=reduces)
-        x = x + self.drop_path(attn)
+        attn, cls_attention = self.attn(norm_for_matmul(x, self.norm1, self.fused_norms),
+                                        return_cls_attention=reduces)
         reduction = None
         if reduces:
-            x, kept_index, assignment = merge_tokens(x, cls_attention, num_keep)
+            x, kept_index, assignment = merge_tokens(x + self.drop_path(attn), cls_attention,
+                                                     num_keep)
             reduction = (kept_index, assignment)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+            normed = norm_for_matmul(x, self.norm2, self.fused_norms)
+        else:
+            x, normed = add_and_norm(x, self.drop_path(attn), self.norm2, self.fused_norms)
+        x = x + self.drop_path(self.mlp(normed))
         return x, reduction
+
 
 class ConfigError(ValueError):
     """An MTViT shape that cannot be built; ``setting`` names the constructor argument at fault
@@ -159,7 +166,10 @@ class MTViT(nn.Module):
     ``matmul_embed`` how the patch embeddings and the half-resolution resize are, and whether
     the front end's two streams run as one tensor (same function either way): None by device
     (matrix products and one tensor on CUDA, except in traced models, whose FLOP counts keep
-    the convolutions), True or False to force one.
+    the convolutions), True or False to force one. ``fused_norms=True`` runs the blocks' layer
+    norms, in evaluation (no gradient) under fp16/bf16 autocast on CUDA, as Triton kernels fused
+    with the residual addition before them and the cast after (same function; see
+    ``fused_norms``); off by default until measured on a GPU.
     """
 
     def __init__(
@@ -181,6 +191,7 @@ class MTViT(nn.Module):
             multi_scale: bool = False,
             dense_depthwise: Optional[bool] = None,
             matmul_embed: Optional[bool] = None,
+            fused_norms: bool = False,
     ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -216,7 +227,7 @@ class MTViT(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=drop_path_rates[i],
-                  keep_rate=self.keep_rates[i])
+                  keep_rate=self.keep_rates[i], fused_norms=fused_norms)
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fused_norms import add_and_norm, norm_for_matmul
 from matmul_ops import (depthwise_as_matmul, depthwise_tap_placement, uses_cpu_forms,
                         uses_cuda_forms)
 
@@ -81,10 +82,11 @@ def forward_pooled(block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> 
     # where each slice's writes a zero-filled gradient of the whole input, summed after.
     cls_token, patches = x.split([1, x.shape[1] - 1], dim=1)
     pooled = torch.cat([cls_token, pool_patch_grid(patches, grid)], dim=1)
-    attn_cls, attn_patches = block.drop_path(block.attn(block.norm1(pooled))[0]).split(
+    normed = norm_for_matmul(pooled, block.norm1, block.fused_norms)
+    attn_cls, attn_patches = block.drop_path(block.attn(normed)[0]).split(
         [1, pooled.shape[1] - 1], dim=1)
     x = torch.cat([cls_token + attn_cls, add_upsampled(patches, attn_patches, grid)], dim=1)
-    return x + block.drop_path(block.mlp(block.norm2(x)))
+    return x + block.drop_path(block.mlp(norm_for_matmul(x, block.norm2, block.fused_norms)))
 
 
 def add_upsampled(patches: torch.Tensor, low: torch.Tensor, grid: Tuple[int, int]
@@ -134,19 +136,23 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
                          f'grid ({num_low} + {1 + num_patches})')
     for index, block in enumerate(blocks):
         if index == 0:
-            attn = block.attn.forward_segments(block.norm1(x), (num_low, num_tokens - num_low))
-            x = x + drop_path_streams(block, attn, num_low)
+            normed = norm_for_matmul(x, block.norm1, block.fused_norms)
+            attn = block.attn.forward_segments(normed, (num_low, num_tokens - num_low))
+            x, normed = add_and_norm(x, drop_path_streams(block, attn, num_low), block.norm2,
+                                     block.fused_norms)
         else:
             # Split, not sliced, as in forward_pooled: one concatenation in the backward.
             low, high_cls, high_patches = x.split([num_low, 1, num_patches], dim=1)
             queries = torch.cat([low, high_cls, pool_patch_grid(high_patches, grid)], dim=1)
-            attn = block.attn(block.norm1(queries).reshape(2 * batch, num_low, dim))[0]
+            normed = norm_for_matmul(queries, block.norm1, block.fused_norms)
+            attn = block.attn(normed.reshape(2 * batch, num_low, dim))[0]
             attn_low, attn_cls, attn_patches = drop_path_streams(
                 block, attn.reshape(batch, 2 * num_low, dim), num_low).split(
                 [num_low, 1, num_low - 1], dim=1)
             x = torch.cat([low + attn_low, high_cls + attn_cls,
                            add_upsampled(high_patches, attn_patches, grid)], dim=1)
-        x = x + drop_path_streams(block, block.mlp(block.norm2(x)), num_low)
+            normed = norm_for_matmul(x, block.norm2, block.fused_norms)
+        x = x + drop_path_streams(block, block.mlp(normed), num_low)
     x_low, x_high = x.split([num_low, num_tokens - num_low], dim=1)
     return x_low, x_high
 
