@@ -146,15 +146,27 @@ def run_two_scales(blocks: Sequence[nn.Module], x: torch.Tensor, grid: Tuple[int
             queries = torch.cat([low, high_cls, pool_patch_grid(high_patches, grid)], dim=1)
             normed = norm_for_matmul(queries, block.norm1, block.fused_norms)
             attn = block.attn(normed.reshape(2 * batch, num_low, dim))[0]
-            attn_low, attn_cls, attn_patches = drop_path_streams(
-                block, attn.reshape(batch, 2 * num_low, dim), num_low).split(
-                [num_low, 1, num_low - 1], dim=1)
-            x = torch.cat([low + attn_low, high_cls + attn_cls,
-                           add_upsampled(high_patches, attn_patches, grid)], dim=1)
-            normed = norm_for_matmul(x, block.norm2, block.fused_norms)
+            attn = drop_path_streams(block, attn.reshape(batch, 2 * num_low, dim), num_low)
+            x, normed = add_and_norm(x, upsample_pooled(attn, num_low, grid), block.norm2,
+                                     block.fused_norms)
         x = x + drop_path_streams(block, block.mlp(normed), num_low)
     x_low, x_high = x.split([num_low, num_tokens - num_low], dim=1)
     return x_low, x_high
+
+
+def upsample_pooled(attn: torch.Tensor, num_low: int, grid: Tuple[int, int]) -> torch.Tensor:
+    """The attention of blocks 1-2 laid out as both streams' tokens, the pooled patches
+    upsampled (nearest): (B, 2L, C), the low-resolution stream's L tokens then the full one's
+    class token and pooled patches -> (B, L + 1 + gh * gw, C), in the attention's precision.
+
+    So that the residual addition is one addition of whole tensors, which ``add_and_norm`` can
+    make with the norm after it; rather than three additions of the parts and a concatenation
+    of their float32 sums (under autocast this concatenation is of half-precision values, half
+    the bytes; its backward is a split, free, as that of the parts' concatenation).
+    """
+    front, patches = attn.split([num_low + 1, num_low - 1], dim=1)
+    return torch.cat([front, upsample_patch_grid(patches, (grid[0] // POOL, grid[1] // POOL))],
+                     dim=1)
 
 
 def drop_path_streams(block: nn.Module, x: torch.Tensor, num_low: int) -> torch.Tensor:

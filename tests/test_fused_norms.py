@@ -165,13 +165,13 @@ def _forward_ops(model, x, dtype, seed=0):
 # (model arguments, fused norms alone, fused with the addition before them). Single scale,
 # depth 6, reductions at 1, 3, 4: every block's first norm and the second norms after a mergence
 # alone, the other second norms with their addition. Multi-scale as one tensor: blocks 1-2 pool
-# before their first norm and concatenate before their second; one stream after the other
-# (matmul_embed=False): blocks 0-2 on the low-resolution stream and block 0 on the full one as
-# plain blocks, blocks 1-2 on the full one pooled.
+# before their first norm; one stream after the other (matmul_embed=False): blocks 0-2 on the
+# low-resolution stream and block 0 on the full one as plain blocks, blocks 1-2 on the full one
+# pooled, concatenating before their second norm.
 MODEL_CASES = {
     'single': (dict(drop_loc=(1, 3, 4), base_keep_rate=0.7), 6 + 3, 3),
     'multi': (dict(img_size=64, patch_size=16, drop_loc=(3, 4), multi_scale=True,
-                   base_keep_rate=0.7), 1 + 2 + 2 + 3 + 2, 1 + 1),
+                   base_keep_rate=0.7), 1 + 2 + 3 + 2, 1 + 2 + 1),
     'multi, streams one after the other': (
         dict(img_size=64, patch_size=16, drop_loc=(3, 4), multi_scale=True,
              base_keep_rate=0.7, matmul_embed=False), 3 + 1 + 4 + 3 + 2, 3 + 1 + 1),
