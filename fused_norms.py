@@ -19,7 +19,8 @@ it. They run only where asked (``fused=True``), where nothing needs their gradie
 (``torch.no_grad``, ``torch.inference_mode``), on CUDA tensors (or within
 ``matmul_ops.cuda_forms``, so that ``op_costs`` counts them on the CPU), outside compiled and
 exported graphs (inductor fuses these chains itself), and from ``FUSED_MIN_ROWS`` rows up.
-Elsewhere they are the plain operations. Each fused operation is an operation of the
+Elsewhere they are the plain operations. Where they run, the ``nn.LayerNorm`` modules are not
+called, so hooks on them do not fire. Each fused operation is an operation of the
 dispatcher, ``mtvit::layer_norm_to`` and ``mtvit::add_layer_norm_to``, whose CPU kernel is the
 plain composition: the reference the tests hold the Triton kernel to (run by Triton's
 interpreter on the CPU).
@@ -50,8 +51,8 @@ the host more than the two or three aten launches it replaces (MTViT-S: about 20
 tokens). Not yet measured on a GPU."""
 
 ROWS_PER_PROGRAM = 4
-"""Rows each Triton program normalises: 4 rows of 384 (MTViT-S) give a program's 4 warps 12
-elements per thread."""
+"""Rows each Triton program normalises: 4 rows of 384 (MTViT-S), padded to 512 columns, give a
+program's 4 warps 16 elements per thread, 12 of them live."""
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _BRANCH_DTYPES = (torch.float32,) + _HALF_DTYPES
@@ -162,12 +163,12 @@ def fused_norms_apply(x: torch.Tensor, norm: nn.Module, fused: bool) -> Optional
     autocast, ``norm`` is an affine ``nn.LayerNorm`` over C with float32 parameters on x's
     device, gradient mode is off, and nothing is compiling, exporting or tracing.
     """
-    if not fused or x.shape[:-1].numel() < FUSED_MIN_ROWS:
-        return None
     # Compiled and exported graphs: inductor fuses these chains itself; exporters need aten's
-    # operations; and the operations have no backward.
-    if (torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
-            or torch.is_grad_enabled() or not uses_cuda_forms(x)):
+    # operations; and the operations have no backward. Asked before the row count, which on
+    # symbolic shapes would specialise (guard) the batch size.
+    if (not fused or torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
+            or torch.is_grad_enabled() or not uses_cuda_forms(x)
+            or x.shape[:-1].numel() < FUSED_MIN_ROWS):
         return None
     device = x.device.type
     if (device not in ('cuda', 'cpu') or not torch.is_autocast_enabled(device)

@@ -168,8 +168,9 @@ class MTViT(nn.Module):
     (matrix products and one tensor on CUDA, except in traced models, whose FLOP counts keep
     the convolutions), True or False to force one. ``fused_norms=True`` runs the blocks' layer
     norms, in evaluation (no gradient) under fp16/bf16 autocast on CUDA, as Triton kernels fused
-    with the residual addition before them and the cast after (same function; see
-    ``fused_norms``); off by default until measured on a GPU.
+    with the residual addition before them and the cast after (the same function, the norms
+    within one rounding step of the autocast type; see ``fused_norms``); off by default until
+    measured on a GPU.
     """
 
     def __init__(

@@ -145,6 +145,37 @@ def test_fused_norms_run_only_where_asked_on_the_float32_stream_without_gradient
             fused_norms.norm_for_matmul(x, nn.LayerNorm(8), fused=True)
 
 
+def test_add_and_norm_falls_back_to_plain_operations(any_rows):
+    # A branch the kernel does not take (broadcast over the batch): the plain addition, then
+    # the norm alone fused, on the sum.
+    x, norm, branch = torch.randn(2, 5, 16), nn.LayerNorm(16), torch.randn(1, 5, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), cuda_forms(), \
+            KernelOps() as ops:
+        total, normed = fused_norms.add_and_norm(x, branch, norm, fused=True)
+        assert torch.equal(total, x + branch)
+        assert torch.equal(normed, norm(x + branch).to(torch.bfloat16))
+    names = [cost.name for cost in ops.costs]
+    assert names.count('add_layer_norm_to') == 0 and names.count('layer_norm_to') == 1
+
+
+def test_export_with_a_dynamic_batch_keeps_aten_norms(any_rows):
+    # Asked before the row count: no guard on the batch size, and aten's norm in the graph.
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return fused_norms.norm_for_matmul(x, self.norm, fused=True)
+
+    batch = torch.export.Dim('batch', min=2, max=1024)
+    with torch.no_grad(), cuda_forms(), torch.autocast('cpu', dtype=torch.bfloat16):
+        program = torch.export.export(Normed(), (torch.randn(4, 5, 8),),
+                                      dynamic_shapes=({0: batch},), strict=False)
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert any('layer_norm' in target and 'mtvit' not in target for target in targets)
+
+
 def test_fused_norms_need_enough_rows():
     x = torch.randn(1, fused_norms.FUSED_MIN_ROWS - 1, 8)
     assert _applies(x) is None
