@@ -1,6 +1,8 @@
-"""What a forward (or a training step) costs a GPU, counted on any device (the CPU included): the
-operations that run a kernel, the bytes each one moves and the FLOPs of the matrix products,
-convolutions and fused attention, and from them a roofline estimate of the eager GPU time.
+"""What a model costs: its FLOPs per image in the paper's convention (``count_flops``, fvcore;
+``count_macs``, torchprofile's cross-check), and what a forward (or a training step) costs a
+GPU, counted on any device (the CPU included): the operations that run a kernel, the bytes each
+one moves and the FLOPs of the matrix products, convolutions and fused attention, and from them
+a roofline estimate of the eager GPU time.
 
 In eager mode a GPU runs one kernel (at least) per such operation. At small batches each costs
 a launch; at large batches most of a ViT's kernels (norms, casts, residual additions, GELU) are
@@ -17,6 +19,7 @@ convolution, which cuDNN ran in half precision in 1.25 ms, counts here as about 
 estimates eager kernels as PyTorch launches them, in their CUDA forms (``matmul_ops.cuda_forms``,
 whatever the device); compiled (fused) code moves fewer bytes.
 """
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -169,3 +172,42 @@ def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,
                      amp_dtype: Optional[torch.dtype] = None) -> int:
     """Kernel-running operations of one eval-mode forward of one image, under ``amp_dtype``."""
     return len(step_costs(model, input_size, device, amp_dtype=amp_dtype))
+
+
+def _sdpa_flop_handle(inputs, outputs) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: q @ k^T plus attn @ v, in
+    multiply-adds, as fvcore counts the unfused matmuls (it would count the fused op as 0)."""
+    from fvcore.nn.jit_handles import get_shape
+    q_shape, k_shape, v_shape = (get_shape(value) for value in inputs[:3])
+    *batch_heads, num_queries, head_dim = q_shape
+    num_keys, value_dim = k_shape[-2], v_shape[-1]
+    batch_heads_count = 1
+    for size in batch_heads:
+        batch_heads_count *= size
+    return batch_heads_count * num_queries * num_keys * (head_dim + value_dim)
+
+
+def count_flops(model: nn.Module, input_size: int, device: torch.device = torch.device('cpu'),
+                in_chans: int = 3) -> float:
+    """FLOPs of one image of ``input_size`` x ``input_size`` in the paper's convention: fvcore's
+    count (one multiply-add is one FLOP), fused attention included. The model is put in eval mode."""
+    from fvcore.nn import FlopCountAnalysis
+    model.eval()
+    image = torch.randn(1, in_chans, input_size, input_size, device=device)
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, image)
+        analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flop_handle)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return float(analysis.total())
+
+
+def count_macs(model: nn.Module, input_size: int, device: torch.device = torch.device('cpu'),
+               in_chans: int = 3) -> float:
+    """torchprofile's multiply-accumulate count for one image: the cross-check of ``count_flops``."""
+    from torchprofile import profile_macs
+    model.eval()
+    image = torch.randn(1, in_chans, input_size, input_size, device=device)
+    # torchprofile warns for every op it has no handler for (sort, scatter, ...): all cost-free.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return float(profile_macs(model, image))

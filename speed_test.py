@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from op_costs import H100, count_kernel_ops, step_costs
+from op_costs import H100, count_flops, count_kernel_ops, count_macs, step_costs
 from utils import amp_autocast
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
@@ -82,45 +81,6 @@ COMPILE_PHASES = {'bytecode_tracing': 'Dynamo tracing',
 COMPILE_TIME_MODELS = (DEIT_S, MTVIT_S_MULTI)
 
 
-def _sdpa_flop_handle(inputs, outputs) -> int:
-    """fvcore handle for ``aten::scaled_dot_product_attention``: q @ k^T plus attn @ v, in
-    multiply-adds, as fvcore counts the unfused matmuls (it would count the fused op as 0)."""
-    from fvcore.nn.jit_handles import get_shape
-    q_shape, k_shape, v_shape = (get_shape(value) for value in inputs[:3])
-    *batch_heads, num_queries, head_dim = q_shape
-    num_keys, value_dim = k_shape[-2], v_shape[-1]
-    batch_heads_count = 1
-    for size in batch_heads:
-        batch_heads_count *= size
-    return batch_heads_count * num_queries * num_keys * (head_dim + value_dim)
-
-
-def count_flops(model: nn.Module, input_size: int, device: torch.device = torch.device('cpu'),
-                in_chans: int = 3) -> float:
-    """FLOPs of one image of ``input_size`` x ``input_size`` in the paper's convention: fvcore's
-    count (one multiply-add is one FLOP), fused attention included. The model is put in eval mode."""
-    from fvcore.nn import FlopCountAnalysis
-    model.eval()
-    image = torch.randn(1, in_chans, input_size, input_size, device=device)
-    with torch.no_grad():
-        analysis = FlopCountAnalysis(model, image)
-        analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flop_handle)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return float(analysis.total())
-
-
-def count_macs(model: nn.Module, input_size: int, device: torch.device = torch.device('cpu'),
-               in_chans: int = 3) -> float:
-    """torchprofile's multiply-accumulate count for one image: the cross-check of ``count_flops``."""
-    from torchprofile import profile_macs
-    model.eval()
-    image = torch.randn(1, in_chans, input_size, input_size, device=device)
-    # torchprofile warns for every op it has no handler for (sort, scatter, ...): all cost-free.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return float(profile_macs(model, image))
-
-
 def synchronize(device: torch.device):
     """Waits for the device's queued work, so that the clock reads finished work only."""
     if device.type != 'cpu':
@@ -159,9 +119,20 @@ def _training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
     return step
 
 
+def _host_usage() -> Tuple[float, float, int]:
+    """This process's user and system CPU seconds and minor page faults so far (zeros where
+    the platform has no ``getrusage``)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0., 0., 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
 def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: int,
-                     warmup: int, repeats: int,
-                     peak_memory: Optional[Dict[str, float]] = None) -> Dict[str, List[float]]:
+                     warmup: int, repeats: int, peak_memory: Optional[Dict[str, float]] = None,
+                     host_costs: Optional[Dict[str, dict]] = None) -> Dict[str, List[float]]:
     """Throughput (images/s) of each entry, ``repeats`` times. Every round times each entry once
     (``iterations`` steps, after ``warmup`` untimed steps in the first round), so that slow
     drifts of the machine affect all entries alike. With several entries, each timing is
@@ -172,24 +143,37 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
     ``peak_memory`` (CUDA only), when given, receives name -> the most device memory (bytes)
     one step held above what was allocated before it (the resident weights, and the gradients
     of the step before, which a step frees as it starts).
+
+    ``host_costs``, when given, receives name -> the minor page faults per timed step and the
+    share of the host's CPU time spent in the kernel: with glibc's default allocator, each
+    activation over its mmap threshold (at most 32 MiB) is mapped afresh and zeroed page by page
+    by the kernel at every step, which can take a quarter of a CPU model's time and so move the
+    ratios between models (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` remove it).
     """
     for entry in timed:
         for _ in range(warmup):
             entry.step()
     synchronize(device)
     results = {entry.name: [] for entry in timed}
+    usage = {entry.name: (0., 0., 0) for entry in timed}
     for round_index in range(repeats):
         ordered = timed if round_index % 2 == 0 else list(reversed(timed))
         for entry in ordered:
             if len(timed) > 1:
                 entry.step()
             synchronize(device)
-            start = time.perf_counter()
+            before, start = _host_usage(), time.perf_counter()
             for _ in range(iterations):
                 entry.step()
             synchronize(device)
             elapsed = time.perf_counter() - start
             results[entry.name].append(entry.images_per_step * iterations / elapsed)
+            usage[entry.name] = tuple(total + end - begin for total, end, begin
+                                      in zip(usage[entry.name], _host_usage(), before))
+    if host_costs is not None:
+        for name, (user, system, faults) in usage.items():
+            host_costs[name] = dict(page_faults_per_step=faults / (repeats * iterations),
+                                    kernel_time_share=system / max(user + system, 1e-9))
     if peak_memory is not None and device.type == 'cuda':
         for entry in timed:
             synchronize(device)
@@ -300,7 +284,9 @@ def environment(device: torch.device) -> dict:
     import timm
     info = {'device': str(device), 'torch': torch.__version__, 'timm': timm.__version__,
             'python': platform.python_version(), 'processor': platform.processor() or
-            platform.machine(), 'cpu_threads': torch.get_num_threads()}
+            platform.machine(), 'cpu_threads': torch.get_num_threads(),
+            'allocator_env': {key: value for key, value in os.environ.items()
+                              if key.startswith('MALLOC_') or key == 'LD_PRELOAD'}}
     if device.type == 'cuda':
         info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version())
@@ -390,9 +376,10 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             if len(models) == 1:  # where a lone compilation spent its time
                 compile_record = _compile_record()
         timed.append(_Timed(spec, step, batch_size))
-    peak = {}
+    peak, host = {}, {}
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
-                               settings['repeats'], peak_memory=peak if mode == 'train' else None)
+                               settings['repeats'], peak_memory=peak if mode == 'train' else None,
+                               host_costs=host)
     medians = {spec: statistics.median(values) for spec, values in results.items()}
     reference = medians[next(iter(models))]
     records = []
@@ -403,7 +390,8 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                       compile_mode=(args.compile_mode or 'default') if compiled else None,
                       input_size=args.input_size, images_per_s=medians[spec],
                       rounds=values, ratio=medians[spec] / reference,
-                      iterations=settings['iterations'], repeats=settings['repeats'])
+                      iterations=settings['iterations'], repeats=settings['repeats'],
+                      **host.get(spec, {}))
         if batch_size == 1:
             record['latency_ms'] = 1000. / medians[spec]
         if spec in peak:
@@ -437,6 +425,9 @@ def print_records(records: Sequence[dict], device: torch.device):
             extra += f'  peak memory {record["peak_memory_gib"]:.2f} GiB'
         if 'first_step_s' in record:
             extra += f'  first (compiling) step {record["first_step_s"]:.1f} s'
+        if device.type == 'cpu' and 'page_faults_per_step' in record:
+            extra += (f'  {record["page_faults_per_step"]:.0f} page faults per step, '
+                      f'{record["kernel_time_share"]:.0%} of the CPU time in the kernel')
         print(f'  {record["model"]}: {record["images_per_s"]:.1f} images/s [{runs}]  '
               f'ratio {record["ratio"]:.3f}{extra}', flush=True)
         for row in record.get('profile', ()):

@@ -213,13 +213,38 @@ def test_speed_test_compares_models():
     ratios = {}
     for spec in specs:
         lines = re.findall(rf'^  {re.escape(spec)}: (\d+\.\d) images/s \[(\d+\.\d)\]  '
-                           rf'ratio (\d+\.\d+)$', result.stdout, re.MULTILINE)
+                           rf'ratio (\d+\.\d+)  \d+ page faults per step, \d+% of the CPU '
+                           rf'time in the kernel$', result.stdout, re.MULTILINE)
         assert len(lines) == 1, result.stdout
         median, (run,), ratio = float(lines[0][0]), [float(lines[0][1])], float(lines[0][2])
         assert median == run > 0  # one round: the median is that round
         ratios[spec] = ratio
     assert ratios[specs[0]] == 1.0  # ratios are to the first model
     assert ratios[specs[1]] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='getrusage and madvise: Linux')
+def test_speed_test_counts_the_page_faults_of_a_step():
+    """A step that maps fresh memory and touches each page costs one page fault per page (the
+    kernel zeroes it), as a glibc-mapped activation does; a step that allocates nothing none."""
+    import mmap
+    import speed_test
+    pages = 4096
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as block:
+            block.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page, not per 2 MiB
+            for offset in range(0, len(block), mmap.PAGESIZE):
+                block[offset] = 1
+
+    timed = [speed_test._Timed('fresh', touch_fresh_pages, 1),
+             speed_test._Timed('idle', lambda: None, 1)]
+    costs = {}
+    speed_test.time_interleaved(timed, torch.device('cpu'), iterations=3, warmup=1, repeats=2,
+                                host_costs=costs)
+    assert pages <= costs['fresh']['page_faults_per_step'] < pages + 100
+    assert costs['idle']['page_faults_per_step'] < 10
+    assert all(0 <= cost['kernel_time_share'] <= 1 for cost in costs.values())
 
 
 def test_speed_test_malformed_spec_exits_2_with_one_line():
