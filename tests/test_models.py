@@ -468,6 +468,37 @@ def test_split_heads_gives_timms_views_with_a_cheaper_backward():
     assert 'clone' in gradients['timm'][1] and 'clone' not in gradients['ours'][1]
 
 
+@pytest.mark.parametrize('num_prefix', [1, 2])
+def test_class_attention_reads_the_keys_where_they_are(num_prefix):
+    """The class attention as one block-diagonal product per image of qkv's rows equals the
+    class row of each head's softmax, averaged over heads, with the same gradients, and copies
+    no keys; its traced form (the FLOP counters') and contiguous keys (after a k norm) too."""
+    import op_costs
+    from token_merging import class_attention, split_heads
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 7, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    q, k, _ = split_heads(qkv)
+    scale = 8 ** -0.5
+    per_head = torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) * scale, dim=-1)[:, :, 0]
+    expected = per_head[:, :, num_prefix:].mean(dim=1)
+    with op_costs.KernelOps() as ops:
+        scores = class_attention(q, k, scale, num_prefix)
+    assert scores.shape == (3, 7 - num_prefix)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-15)
+    assert not {'clone', 'copy_'} & {cost.name for cost in ops.costs if cost.bytes > 7 * 32 * 8}
+    weights = torch.randn(scores.shape, dtype=torch.float64)
+    for got in (scores, class_attention(q, k.contiguous(), scale, num_prefix)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+        (grad,) = torch.autograd.grad((got * weights).sum(), qkv)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), qkv, retain_graph=True)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-13)
+    traced = torch.jit.trace(lambda q_, k_: class_attention(q_, k_, scale, num_prefix),
+                             (q.detach(), k.detach()))
+    assert 'aten::diag_embed' not in str(traced.graph)
+    torch.testing.assert_close(traced(q.detach(), k.detach()), expected.detach(), rtol=1e-12,
+                               atol=1e-15)
+
+
 @pytest.mark.parametrize('forms', ['cuda', 'cpu'])
 def test_parameter_gradients_have_the_parameters_strides(forms):
     # DDP compares each gradient's strides with its bucket's (the parameter's) and warns on
