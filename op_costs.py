@@ -32,8 +32,8 @@ from torch.utils._pytree import tree_flatten
 from matmul_ops import cuda_forms
 from utils import amp_autocast
 
-__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_kernel_ops', 'step_costs',
-           'tensor_bytes']
+__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_flops', 'count_kernel_ops',
+           'count_macs', 'step_costs', 'tensor_bytes']
 
 MATRIX_PRODUCTS = ('mm', 'addmm', 'bmm', 'baddbmm')
 GATHERS = ('gather', 'index_select', 'embedding', 'index')

@@ -147,8 +147,9 @@ def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: 
     ``host_costs``, when given, receives name -> the minor page faults per timed step and the
     share of the host's CPU time spent in the kernel: with glibc's default allocator, each
     activation over its mmap threshold (at most 32 MiB) is mapped afresh and zeroed page by page
-    by the kernel at every step, which can take a quarter of a CPU model's time and so move the
-    ratios between models (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` remove it).
+    by the kernel at every step (and so is the heap's trimmed top), which can take a quarter of a
+    CPU model's time and so move the ratios between models; ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` set above the largest activation (4294967296) remove both.
     """
     for entry in timed:
         for _ in range(warmup):
@@ -286,7 +287,13 @@ def environment(device: torch.device) -> dict:
             'python': platform.python_version(), 'processor': platform.processor() or
             platform.machine(), 'cpu_threads': torch.get_num_threads(),
             'allocator_env': {key: value for key, value in os.environ.items()
-                              if key.startswith('MALLOC_') or key == 'LD_PRELOAD'}}
+                              if key.startswith('MALLOC_') or key in ('LD_PRELOAD',
+                                                                        'GLIBC_TUNABLES')}}
+    try:  # transparent huge pages ('always': large activations fault in 2 MiB pages)
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as handle:
+            info['transparent_hugepages'] = handle.read().strip()
+    except OSError:
+        pass
     if device.type == 'cuda':
         info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version())
@@ -546,6 +553,8 @@ def main(args: argparse.Namespace) -> List[dict]:
                 for key, value in defaults.items() if key != 'batch_size'}
     if args.compile_mode and not args.compile:
         raise ValueError('--compile-mode needs --compile')
+    if settings['iterations'] < 1 or settings['warmup'] < 0 or settings['repeats'] < 0:
+        raise ValueError('--iterations must be at least 1, --warmup and --repeats at least 0')
     if args.suite:
         if args.models or args.batch_size or args.compile or args.amp != 'none':
             raise ValueError('--suite fixes the models, batch sizes, precision and compilation: '

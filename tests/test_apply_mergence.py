@@ -207,7 +207,7 @@ def test_token_counts_equal_keep_rates():
 
 
 def test_flops_fall_with_the_keep_rate():
-    from speed_test import count_flops
+    from op_costs import count_flops
     plain = tiny_vit('distilled').float()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

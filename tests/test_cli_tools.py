@@ -232,7 +232,8 @@ def test_speed_test_counts_the_page_faults_of_a_step():
     pages = 4096
 
     def touch_fresh_pages():
-        with mmap.mmap(-1, pages * mmap.PAGESIZE) as block:
+        with mmap.mmap(-1, pages * mmap.PAGESIZE,  # private, as glibc maps its allocations
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as block:
             block.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page, not per 2 MiB
             for offset in range(0, len(block), mmap.PAGESIZE):
                 block[offset] = 1

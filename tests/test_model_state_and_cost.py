@@ -19,9 +19,9 @@ from mtvit_reference import (LN_EPS, DispatchRecorder, images, make_model, reduc
 
 # Imported here, not inside the tests: a missing module or a renamed function fails, never skips.
 import models_mtvit  # noqa: F401  (registers the models with timm)
-import speed_test
 import timm
 from checkpoints import adapt_state_dict
+from op_costs import count_flops
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -192,7 +192,7 @@ def test_flops(name, kwargs, expected):
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        flops = speed_test.count_flops(model, 224)
+        flops = count_flops(model, 224)
     assert isinstance(flops, float)
     assert abs(flops - expected) / expected < 0.01, f'{name} {kwargs}: {flops / 1e9:.3f} GFLOPs'
 
