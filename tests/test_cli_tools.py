@@ -265,6 +265,16 @@ def test_speed_test_compile_mode_needs_compile():
         speed_test.main(args)
 
 
+@pytest.mark.parametrize('flag, value', [('--iterations', '0'), ('--warmup', '-1'),
+                                         ('--repeats', '-2')])
+def test_speed_test_refuses_counts_below_their_minimum(flag, value):
+    import speed_test
+    args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', flag, value])
+    with pytest.raises(ValueError, match='--iterations must be at least 1, --warmup and '
+                                         '--repeats at least 0'):
+        speed_test.main(args)
+
+
 def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
     path = tmp_path / 'speed.json'
     result = run_speed_test('deit_small_patch16_shrink_base:base_keep_rate=0.5', '--input-size',
