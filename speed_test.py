@@ -398,7 +398,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                       input_size=args.input_size, images_per_s=medians[spec],
                       rounds=values, ratio=medians[spec] / reference,
                       iterations=settings['iterations'], repeats=settings['repeats'],
-                      **host.get(spec, {}))
+                      **host[spec])
         if batch_size == 1:
             record['latency_ms'] = 1000. / medians[spec]
         if spec in peak:
