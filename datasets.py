@@ -164,6 +164,8 @@ def _class_folders(split_dir):
 
 
 def check_split_dir(data_path, split):
+    """``data_path/split`` if it is a folder with class folders; else a ``DatasetError`` naming
+    what is missing and the expected layout."""
     split_dir = os.path.join(data_path, split)
     if not os.path.isdir(data_path):
         raise DatasetError(f'data path {data_path} does not exist or is not a directory; expected {IMAGEFOLDER_LAYOUT}')

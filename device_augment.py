@@ -64,6 +64,8 @@ AFFINE, LOOKUP, ENHANCE = range(3)
 OP_KINDS = dict(dict.fromkeys(LEVEL_TO_ARG, LOOKUP), Color=ENHANCE, ColorIncreasing=ENHANCE,
                 Sharpness=ENHANCE, SharpnessIncreasing=ENHANCE)
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+AFFINE_COEFFICIENT = {'ShearX': 1, 'TranslateXRel': 2, 'ShearY': 3, 'TranslateYRel': 5}
+"""Which of PIL's affine data (a, b, c, d, e, f) each shear or translation sets."""
 OP_KINDS.update(dict.fromkeys(GEOMETRIC_OPS, AFFINE))
 
 
@@ -446,16 +448,15 @@ class DeviceRandAugment:
             value = args[chosen]
             if name == 'Rotate':
                 # Image.rotate: counter-clockwise about (w / 2, h / 2), the inverse matrix.
-                angle = -value * (math.pi / 180.0)
+                angle = -torch.deg2rad(value)
                 cos, sin = torch.cos(angle), torch.sin(angle)
                 cx, cy = width / 2.0, height / 2.0
                 matrices[chosen] = torch.stack(
                     [cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy],
                     dim=1)
             else:
-                column = {'ShearX': 1, 'ShearY': 3, 'TranslateXRel': 2, 'TranslateYRel': 5}[name]
                 scale = {'TranslateXRel': width, 'TranslateYRel': height}.get(name, 1)
-                matrices[chosen, column] = value * scale
+                matrices[chosen, AFFINE_COEFFICIENT[name]] = value * scale
         return matrices
 
     def _affine(self, images, ops, args, filters):

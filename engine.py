@@ -9,6 +9,9 @@ from utils import MetricLogger, SmoothedValue, all_reduce_sum, amp_autocast, che
 
 LOG_EVERY = 10
 """Iterations between progress lines and tensorboard points."""
+TOP_K = 5
+"""The second accuracy reported (acc5): a hit among the K highest logits."""
+PERCENT = 100.
 
 
 def keep_rate_at(iteration: int, iters_per_epoch: int, base_keep_rate: float,
@@ -71,6 +74,8 @@ def train_one_epoch(
     there, on every process.
 
     Args:
+        data_loader: batches of images (B, 3, H, W) and class indices (B,); ``mixup_fn`` turns
+            the indices into soft targets (B, K) for the criterion.
         amp_dtype: autocast dtype (torch.float16 or torch.bfloat16), None for full precision.
         keep_rate_schedule: global iteration -> keep rate at that step; None for models
             without token reduction.
@@ -83,7 +88,8 @@ def train_one_epoch(
             are being checked at this step; a non-zero answer (a signal's number) ends the
             epoch early.
     Returns:
-        global averages of the meters (loss, lr, keep_rate) over all processes, and, when
+        global averages of the meters (loss, lr) over all processes, ``keep_rate``: the rate
+        reached at the end of the epoch, and, when
         ``should_stop`` ended the epoch, ``stopped_after`` (the steps of the epoch taken) and
         ``stopped_by`` (its answer).
     Raises:
@@ -157,7 +163,8 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
              keep_rate: Optional[float] = None, amp_dtype: Optional[torch.dtype] = None,
              sharded: bool = False, token_counts: Optional[Callable[[float], list]] = None,
              print_freq: int = LOG_EVERY) -> Dict[str, float]:
-    """Top-1/top-5 accuracy (%) and cross-entropy of ``model`` on the loader's samples.
+    """Top-1/top-5 accuracy (%) and cross-entropy of ``model`` on the loader's samples: images
+    (B, 3, H, W) and class indices (B,), the model's logits (B, K); top-5 is top-K below 5 classes.
 
     The counts are accumulated on the device; the host reads them only for progress lines.
     With ``sharded`` (each process holds a disjoint part of the data), correct counts and loss
@@ -177,18 +184,18 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
         with amp_autocast(device, amp_dtype):
             outputs = model(images, **model_kwargs)
         outputs = outputs.float()
-        top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+        top5 = outputs.topk(min(TOP_K, outputs.shape[1]), dim=1).indices
         hits = top5 == targets.unsqueeze(1)
         totals += torch.stack([torch.tensor(float(len(targets)), device=device),
                                hits[:, 0].sum(), hits.any(dim=1).sum(),
                                criterion(outputs, targets)]).double()
         if step % print_freq == 0 or step == len(data_loader) - 1:
             seen, correct1, _, loss_sum = totals.tolist()
-            metric_logger.update(loss=loss_sum / seen, acc1=100. * correct1 / seen)
+            metric_logger.update(loss=loss_sum / seen, acc1=PERCENT * correct1 / seen)
     if sharded:
         totals = all_reduce_sum(totals)
     num_samples, correct1, correct5, loss_sum = totals.tolist()
-    stats = {'acc1': 100. * correct1 / num_samples, 'acc5': 100. * correct5 / num_samples,
+    stats = {'acc1': PERCENT * correct1 / num_samples, 'acc5': PERCENT * correct5 / num_samples,
              'loss': loss_sum / num_samples, 'num_samples': int(num_samples)}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
     return stats

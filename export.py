@@ -41,7 +41,7 @@ class CheckFailed(Exception):
     """onnxruntime's results differ from PyTorch's beyond the tolerance."""
 
 
-class FixedKeepRate(nn.Module):
+class FixedTokenCounts(nn.Module):
     """A reducing model at fixed per-block token counts: the exported graph has static shapes
     everywhere but the batch."""
 
@@ -138,11 +138,11 @@ def measure_speed(session, model: nn.Module, input_size: int, batch_size: int,
                   iterations: int, in_chans: int = 3) -> Dict[str, float]:
     """CPU throughput (images/s, median of the rounds) of PyTorch and onnxruntime on the same
     random batch, timed interleaved as speed_test.py does."""
-    from speed_test import CPU_DEFAULTS, _inference_step, _Timed, time_interleaved
+    from speed_test import CPU_DEFAULTS, TimedStep, inference_step, time_interleaved
     images = torch.randn(batch_size, in_chans, input_size, input_size)
     feed = {INPUT_NAME: images.numpy()}
-    timed = [_Timed('PyTorch', _inference_step(model, images), batch_size),
-             _Timed('onnxruntime', lambda: session.run([OUTPUT_NAME], feed), batch_size)]
+    timed = [TimedStep('PyTorch', inference_step(model, images), batch_size),
+             TimedStep('onnxruntime', lambda: session.run([OUTPUT_NAME], feed), batch_size)]
     runs = time_interleaved(timed, torch.device('cpu'), iterations=iterations,
                             warmup=CPU_DEFAULTS['warmup'], repeats=CPU_DEFAULTS['repeats'])
     return {name: statistics.median(values) for name, values in runs.items()}
@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> dict:
     saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
     config = resolve_config(args, saved, weights)
     model = build_model(config, weights, args.resume)
-    fixed = FixedKeepRate(model, model.token_counts(config.base_keep_rate)).eval()
+    fixed = FixedTokenCounts(model, model.token_counts(config.base_keep_rate)).eval()
     try:
         export_onnx(fixed, args.output, config.input_size)
     except ExportError as error:

@@ -8,8 +8,9 @@ device, where normalisation and random erasing run batched. The per-image timm t
 (``build_transform``, normalised float32 images per worker) is the reference: with the same
 random draws the training images are its pixels up to the resize of the crop (torch's kernel,
 within 2 levels, see ``resized_crop``); the evaluation images (PIL's resize) are its pixels, and
-so are those of ``--gpu-augment`` without RandAugment and random erasing (PIL's resize on the
-device, ``device_augment.resize_crops``).
+so are those of the device path without RandAugment and random erasing (PIL's resize on the
+device, ``device_augment.resize_crops``; ``build_gpu_augment(auto_augment='none')``, a library
+form: main.py's ``--gpu-augment`` is for offloading RandAugment and requires its policy).
 
 ``python datasets.py bench`` (``pipeline_bench.py``) measures this pipeline against the reference.
 """
@@ -411,14 +412,17 @@ class DeviceLoader:
 
     @property
     def batch_size(self):
+        """The wrapped DataLoader's, as the training loop reads it."""
         return self.loader.batch_size
 
     @property
     def sampler(self):
+        """The wrapped DataLoader's (``set_epoch`` goes to it)."""
         return self.loader.sampler
 
     @property
     def dataset(self):
+        """The wrapped DataLoader's."""
         return self.loader.dataset
 
 

@@ -146,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--reprob', type=float, default=0.25, help='random erase probability')
     group.add_argument('--remode', type=str, default='pixel')
     group.add_argument('--recount', type=int, default=1)
-    group.add_argument('--resplit', action='store_true', default=False)
+    group.add_argument('--resplit', action='store_true', help='a DeiT flag, accepted and unused')
 
     group = parser.add_argument_group('mixup')
     group.add_argument('--mixup', type=float, default=0.8)
@@ -202,7 +202,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(pin_mem=True)
     group.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
     group.add_argument('--world_size', default=1, type=int,
-                       help='number of distributed processes (set by the launcher)')
+                       help='a DeiT flag, accepted and unused: launchers set WORLD_SIZE')
     group.add_argument('--dist_url', default='env://')
     group.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None,
                        help='set by the deprecated torch.distributed.launch')
@@ -240,9 +240,9 @@ def check_args(args: argparse.Namespace):
     if args.merge_any and is_mtvit(args.model):
         raise UsageError(f'--merge-any is for timm ViTs; {args.model} reduces tokens already')
     if args.use_lmdb:
-        raise UsageError('--use-lmdb: LMDB files are not supported; pack the ImageFolder tree '
-                         'once with `python pack_arrow.py pack SRC DST`, then train with '
-                         '--data-set ARROW --data-path DST')
+        raise UsageError('--use-lmdb: LMDB files are not supported; pack the ImageFolder tree once '
+                         'with `python pack_arrow.py pack --src SRC --dst DST`, then train '
+                         'with --data-set ARROW --data-path DST')
     if args.distillation_type != 'none' and not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                          f'(teacher weights cannot be downloaded)')
@@ -437,10 +437,10 @@ def run(args: argparse.Namespace, dist_state):
         print(f'visualisation: {len(written)} files written to {args.output_dir or "."}')
         return None
     if args.eval:
-        # MTViT takes its keep rates as per-block token counts (see engine.reduction_kwargs).
+        # At the model's configured keep rates (the schedule's end), as the release evaluates.
+        sharded = args.dist_eval and dist_state.distributed
         test_stats = evaluate(val_loader, torch.compile(model) if args.compile else model, device,
-                              amp_dtype=amp_dtype, sharded=args.dist_eval and dist_state.distributed,
-                              token_counts=model.token_counts if reduces_tokens(args) else None)
+                              amp_dtype=amp_dtype, sharded=sharded)
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats

@@ -255,6 +255,7 @@ class MTViT(nn.Module):
         return {'cls_token', 'pos_embed'}
 
     def get_classifier(self) -> nn.Module:
+        """The classification head (timm's interface)."""
         return self.head
 
     def reset_classifier(self, num_classes: int):

@@ -280,6 +280,7 @@ class LargeKernelConv(nn.Module):
         self.conv1 = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
         return self.conv1(self.conv_spatial(self.conv0(x)))
 
 

@@ -114,6 +114,7 @@ class KernelOps(TorchDispatchMode):
 
     @property
     def count(self) -> int:
+        """Kernel-running operations recorded so far."""
         return len(self.costs)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

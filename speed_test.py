@@ -65,9 +65,8 @@ GPU_SUITE = (
     ('compiled-train', 'train', 'bf16', (256,)),
 )
 # --suite NAME: the parts it runs ('compile-time': each of COMPILE_TIME_MODELS compiled in a
-# fresh process). On an H200 with PyTorch 2.11, gpu-eager took 70 s and the parts of
-# gpu-compiled-inference about 7 minutes (its compile times before their fix, token_merging.
-# exporting): several parts in one call of a time-limited machine may not fit.
+# fresh process). On an H200 (PyTorch 2.11) gpu-eager took 70 s, gpu-compiled-inference about
+# 7 minutes before the compile-time fix: one time-limited call may not fit several parts.
 SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train'),
           'gpu-eager': ('eager',),
           'gpu-compiled': ('compile-time', 'compiled-inference', 'compiled-train'),
@@ -88,15 +87,16 @@ def synchronize(device: torch.device):
 
 
 @dataclass
-class _Timed:
+class TimedStep:
     """One model under measurement: a step function and the images each step processes."""
     name: str
     step: Callable[[], None]
     images_per_step: int
 
 
-def _inference_step(model: nn.Module, images: torch.Tensor,
-                    amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+def inference_step(model: nn.Module, images: torch.Tensor,
+                   amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """An eval-mode forward of ``images`` (B, 3, H, W) under inference mode and autocast."""
     model.eval()
 
     def step():
@@ -105,9 +105,10 @@ def _inference_step(model: nn.Module, images: torch.Tensor,
     return step
 
 
-def _training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
-                   amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
-    """Forward and backward (no optimizer), as a training step spends its time."""
+def training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
+                  amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """Forward and backward of ``images`` (B, 3, H, W) with random labels (no optimizer), as a
+    training step spends its time."""
     model.train()
     labels = torch.randint(num_classes, (images.shape[0],), device=images.device)
 
@@ -130,7 +131,7 @@ def _host_usage() -> Tuple[float, float, int]:
     return usage.ru_utime, usage.ru_stime, usage.ru_minflt
 
 
-def time_interleaved(timed: Sequence[_Timed], device: torch.device, iterations: int,
+def time_interleaved(timed: Sequence[TimedStep], device: torch.device, iterations: int,
                      warmup: int, repeats: int, peak_memory: Optional[Dict[str, float]] = None,
                      host_costs: Optional[Dict[str, dict]] = None) -> Dict[str, List[float]]:
     """Throughput (images/s) of each entry, ``repeats`` times. Every round times each entry once
@@ -223,15 +224,15 @@ def measure_throughput(model: nn.Module, input_size: int, device: torch.device,
     without gradients (under autocast to ``amp_dtype`` if given), one value per repeat (each of
     ``iterations`` batches, after ``warmup``)."""
     images = torch.randn(batch_size, in_chans, input_size, input_size, device=device)
-    timed = [_Timed('model', _inference_step(model, images, amp_dtype), batch_size)]
+    timed = [TimedStep('model', inference_step(model, images, amp_dtype), batch_size)]
     return time_interleaved(timed, device, iterations, warmup, repeats)['model']
 
 
-def report_flops(model: nn.Module, input_size: int, device: torch.device):
-    """Prints FLOPs per image (fvcore, the paper's convention) and torchprofile's MACs."""
+def report_flops(model: nn.Module, input_size: int, device: torch.device, label: str = ''):
+    """``label``, then FLOPs per image (fvcore: the paper's convention) and torchprofile's MACs."""
     flops = count_flops(model, input_size, device)
     macs = count_macs(model, input_size, device)
-    print(f'FLOPs: {flops / 1e9:.3f} G per image at {input_size}x{input_size} (fvcore); '
+    print(f'{label}FLOPs: {flops / 1e9:.3f} G per image at {input_size}x{input_size} (fvcore); '
           f'torchprofile: {macs / 1e9:.3f} G MACs')
 
 
@@ -301,6 +302,7 @@ def environment(device: torch.device) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """speed_test.py's command line (``main(get_args_parser().parse_args([...]))``)."""
     parser = argparse.ArgumentParser('Compare the cost of models in one process', add_help=True)
     parser.add_argument('models', nargs='*', help='name[:key=value...]; ratios are to the first')
     parser.add_argument('--suite', choices=tuple(SUITES), default=None,
@@ -372,8 +374,8 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
         images = images.contiguous(memory_format=torch.channels_last)
     timed, compile_seconds, compile_record = [], {}, {}
     for spec, model in models.items():
-        step = (_inference_step(model, images, amp_dtype) if mode == 'inference'
-                else _training_step(model, images, args.num_classes, amp_dtype))
+        step = (inference_step(model, images, amp_dtype) if mode == 'inference'
+                else training_step(model, images, args.num_classes, amp_dtype))
         if compiled:  # the first step compiles: timed alone, it is the compile time
             synchronize(device)
             start = time.perf_counter()
@@ -382,7 +384,7 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             compile_seconds[spec] = time.perf_counter() - start
             if len(models) == 1:  # where a lone compilation spent its time
                 compile_record = _compile_record()
-        timed.append(_Timed(spec, step, batch_size))
+        timed.append(TimedStep(spec, step, batch_size))
     peak, host = {}, {}
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
                                settings['repeats'], peak_memory=peak if mode == 'train' else None,
@@ -418,6 +420,7 @@ def compile_models(models: Dict[str, nn.Module], args) -> Dict[str, nn.Module]:
 
 
 def print_records(records: Sequence[dict], device: torch.device):
+    """Prints one ``compare`` run: a heading with its settings, then a line per model."""
     first = records[0]
     print(f'{first["mode"]} ({device.type}, amp {first["amp"]}, batch {first["batch_size"]}'
           f'{", compiled" if first["compiled"] else ""}'
@@ -565,9 +568,7 @@ def main(args: argparse.Namespace) -> List[dict]:
     models = _build_models(args.models, args, device)
     if args.flops:
         for spec, model in models.items():
-            print(f'{spec}: {count_flops(model, args.input_size, device) / 1e9:.3f} GFLOPs '
-                  f'(fvcore), {count_macs(model, args.input_size, device) / 1e9:.3f} GMACs '
-                  f'(torchprofile)')
+            report_flops(model, args.input_size, device, label=f'{spec}: ')
     if args.count_ops:
         for spec, model in models.items():
             print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'

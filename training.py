@@ -327,7 +327,8 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
 
 def _set_epoch(train_loader, epoch: int, first_iteration: int) -> None:
     """Selects the epoch's order and seeds (a ``SeededSampler``), starting after the batches of
-    ``first_iteration`` steps; a loader whose sampler has no epochs is left as it is."""
+    ``first_iteration`` steps (resuming inside an epoch, which needs a ``SeededSampler``); at
+    an epoch's start a loader whose sampler has no epochs is left as it is."""
     sampler = train_loader.sampler
     if first_iteration:
         sampler.set_epoch(epoch, start=first_iteration * train_loader.batch_size)

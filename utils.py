@@ -431,7 +431,8 @@ def check_finite_losses(losses: torch.Tensor, epoch: int, first_iteration: int) 
         The losses as Python floats (when all are finite).
     """
     values = losses.double().tolist()
-    # One integer per process: iteration * 3 + kind of the first bad value, or a sentinel.
+    # One integer per process: the first bad value's position in ``losses`` times the number
+    # of kinds plus its kind, or a sentinel past every such code.
     code = len(values) * len(_NON_FINITE_KINDS)
     for offset, value in enumerate(values):
         if not math.isfinite(value):
@@ -455,6 +456,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.command = command
 
     def error(self, message):
+        """One line naming the command and the problem, exit status 2 (argparse's)."""
         self.exit(2, f'{self.command}: error: {message} (see --help)\n')
 
 

@@ -238,8 +238,8 @@ def test_speed_test_counts_the_page_faults_of_a_step():
             for offset in range(0, len(block), mmap.PAGESIZE):
                 block[offset] = 1
 
-    timed = [speed_test._Timed('fresh', touch_fresh_pages, 1),
-             speed_test._Timed('idle', lambda: None, 1)]
+    timed = [speed_test.TimedStep('fresh', touch_fresh_pages, 1),
+             speed_test.TimedStep('idle', lambda: None, 1)]
     costs = {}
     speed_test.time_interleaved(timed, torch.device('cpu'), iterations=3, warmup=1, repeats=2,
                                 host_costs=costs)
