@@ -387,6 +387,17 @@ def adapt_state_dict(state_dict: dict, model: nn.Module) -> Tuple[dict, List[str
     return adapted, notes
 
 
+def num_classes_of(weights: Optional[dict], model_name: str, default: int) -> int:
+    """The class count of a checkpoint's classifier (timm's name for the model's: ``head``,
+    ``fc``, ``head.fc``, ...), or ``default`` without a checkpoint."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    for name in classifier_names(cfg.classifier if cfg is not None else None):
+        if weights and f'{name}.weight' in weights:
+            return weights[f'{name}.weight'].shape[0]
+    return default
+
+
 def classifier_names(classifier: Union[str, Sequence[str], None]) -> List[str]:
     """The module names of a model's classifier from timm's ``pretrained_cfg['classifier']``
     (one name such as ``fc`` or ``head.fc``, several for a distilled DeiT, or None: ``head``)."""
@@ -397,10 +408,13 @@ def classifier_names(classifier: Union[str, Sequence[str], None]) -> List[str]:
 
 def model_state_dict(checkpoint: dict, path: str) -> dict:
     """The weights in a checkpoint: under 'model' (DeiT, MTViT), 'state_dict' (timm) or bare."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint '
+                              f'(a dict of weights)')
     for key in ('model', 'state_dict'):
         if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
-    if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+    if not checkpoint or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         raise CheckpointError(f'{path} holds no model weights (no "model" or "state_dict" entry)')
     return checkpoint
 

@@ -6,7 +6,7 @@ deprecated ``python -m torch.distributed.launch [--use_env] main.py ...``.
 import argparse
 import json
 import os
-import re
+import signal
 import sys
 from functools import partial
 from typing import Optional
@@ -20,19 +20,23 @@ from input_pipeline import (GPU_AUGMENT_FILTERS, SMALL_INPUT_MAX, build_gpu_augm
 from engine import evaluate, keep_rate_at
 from losses import build_criterion
 from samplers import SeededDataset, SeededSampler, ShardSampler, build_train_sampler
-from checkpoints import (CheckpointError, classifier_names, finetune_from, load_checkpoint,
-                         load_weights, model_state_dict)
-from training import (LR_REFERENCE_BATCH, EpochLoop, Preempted, TrainingState, build_ema, build_optimizer,
-                      build_scheduler, fit, ignore_stop_signals, scaled_lr)
-from utils import (MachineError, NonFiniteLossError, OneLineErrorParser, check_output_dir,
+from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
+                         model_state_dict, num_classes_of)
+from training import (LR_REFERENCE_BATCH, EpochLoop, Preempted, TrainingState, build_ema,
+                      build_optimizer, build_scheduler, count_parameters, fit,
+                      ignore_stop_signals, scaled_lr)
+from utils import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY,
+                   MachineError, NonFiniteLossError, OneLineErrorParser, check_output_dir,
                    cleanup, init_distributed, is_main_process, machine_error_message,
-                   seed_everything)
+                   parse_drop_loc, seed_everything)
 
 CHECKPOINT_NAME = 'checkpoint.pth'
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'constant')
+INTERPOLATIONS = ('random', 'bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos')
 DEBUG_ENV = 'MTVIT_DEBUG'
 
 
@@ -40,34 +44,24 @@ class UsageError(Exception):
     """A command line that cannot work; the message names the flag and the problem."""
 
 
-def parse_drop_loc(text: str) -> tuple:
-    """'(3, 6, 9)', '3,6,9' or '[3 6 9]' -> (3, 6, 9); never evaluated as code."""
-    if not re.fullmatch(r'[\s()\[\],0-9]*', text) or not re.search(r'\d', text):
-        raise argparse.ArgumentTypeError(
-            f'{text!r} is not a list of block indices such as "(3, 6, 9)"')
-    return tuple(int(index) for index in re.findall(r'\d+', text))
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """Every flag of main.py (a parent parser: run_with_submitit.py and the tests build on it)."""
     parser = argparse.ArgumentParser('MTViT training and evaluation script', add_help=False)
     parser.add_argument('-h', '--help', action='help', help='show this help message and exit')
-    parser.add_argument('--batch-size', default=64, type=int, help='per process')
-    parser.add_argument('--epochs', default=300, type=int)
+    parser.add_argument('--batch-size', default=64, type=POSITIVE_INT, help='per process')
+    parser.add_argument('--epochs', default=300, type=POSITIVE_INT)
 
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='deit_small_patch16_shrink_base', type=str,
                        help=f'MTViT: {", ".join(models_mtvit.MTVIT_MODELS)}; or any timm model '
                             f'(e.g. deit_small_patch16_224)')
-    group.add_argument('--input-size', default=None, type=int,
+    group.add_argument('--input-size', default=None, type=POSITIVE_INT,
                        help=f'images size (default {DEFAULT_INPUT_SIZE}, or the checkpoint\'s '
                             f'with --resume)')
-    group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    group.add_argument('--drop-path', type=float, default=0.1, help='drop path rate')
-    group.add_argument('--model-ema', action='store_true')
-    group.add_argument('--no-model-ema', action='store_false', dest='model_ema')
-    parser.set_defaults(model_ema=True)
-    group.add_argument('--model-ema-decay', type=float, default=0.99996)
+    group.add_argument('--drop', type=FRACTION, default=0.0, help='dropout rate')
+    group.add_argument('--drop-path', type=FRACTION, default=0.1, help='drop path rate')
+    group.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument('--model-ema-decay', type=PROBABILITY, default=0.99996)
     group.add_argument('--model-ema-force-cpu', action='store_true', default=False)
 
     group = parser.add_argument_group('MTViT')
@@ -84,84 +78,82 @@ def get_args_parser() -> argparse.ArgumentParser:
                             '--flops and --test_speed')
     group.add_argument('--no-multi-scale', dest='multi_scale', action='store_false',
                        help='single scale, also when finetuning from a multi-scale checkpoint')
-    group.add_argument('--shrink_start_epoch', default=10, type=int,
+    group.add_argument('--shrink_start_epoch', default=10, type=NON_NEGATIVE_INT,
                        help='epoch at which the keep rate starts to decrease from 1')
-    group.add_argument('--shrink_epochs', default=0, type=int,
+    group.add_argument('--shrink_epochs', default=0, type=NON_NEGATIVE_INT,
                        help='epochs over which it reaches --base_keep_rate (cosine)')
     group.add_argument('--flops', action='store_true', help='print FLOPs per image (fvcore)')
     group.add_argument('--test_speed', action='store_true', help='measure throughput first')
     group.add_argument('--only_test_speed', action='store_true', help='measure, then exit')
-    group.add_argument('--speed-batch-size', type=int, default=None,
+    group.add_argument('--speed-batch-size', type=POSITIVE_INT, default=None,
                        help='throughput batch (default 32 on CPU, 64 on GPU)')
-    group.add_argument('--speed-iterations', type=int, default=None,
+    group.add_argument('--speed-iterations', type=POSITIVE_INT, default=None,
                        help='timed batches per round (default: as many as fill 1 s on a CPU, '
                             '0.5 s on a GPU; at least 3 and 30)')
     group.add_argument('--visualize_mask', action='store_true',
                        help='write merge-group pictures of validation images (with --resume)')
-    group.add_argument('--n_visualization', default=128, type=int)
+    group.add_argument('--n_visualization', default=128, type=POSITIVE_INT)
 
     group = parser.add_argument_group('optimizer')
     group.add_argument('--opt', default='adamw', type=str)
-    group.add_argument('--opt-eps', default=1e-8, type=float)
-    group.add_argument('--opt-betas', default=None, type=float, nargs='+')
-    group.add_argument('--clip-grad', type=float, default=None, help='max gradient norm')
-    group.add_argument('--momentum', type=float, default=0.9)
-    group.add_argument('--weight-decay', type=float, default=0.05)
+    group.add_argument('--opt-eps', default=1e-8, type=POSITIVE)
+    group.add_argument('--opt-betas', default=None, type=FRACTION, nargs=2)
+    group.add_argument('--clip-grad', type=POSITIVE, default=None, help='max gradient norm')
+    group.add_argument('--momentum', type=NON_NEGATIVE, default=0.9)
+    group.add_argument('--weight-decay', type=NON_NEGATIVE, default=0.05)
     group.add_argument('--no-pos-embed-decay', dest='pos_embed_decay', action='store_false',
                        help="exclude MTViT's position embeddings from weight decay (the "
                             "release's optimizer decayed them, as this script does by default)")
 
     group = parser.add_argument_group('learning rate schedule')
-    group.add_argument('--sched', default='cosine', type=str)
-    group.add_argument('--lr', type=float, default=5e-4,
+    group.add_argument('--sched', default='cosine', choices=SCHEDULERS)
+    group.add_argument('--lr', type=POSITIVE, default=5e-4,
                        help=f'for a total batch of {LR_REFERENCE_BATCH}; scaled linearly')
     group.add_argument('--lr-noise', type=float, nargs='+', default=None)
     group.add_argument('--lr-noise-pct', type=float, default=0.67)
-    group.add_argument('--lr-noise-std', type=float, default=1.0)
-    group.add_argument('--warmup-lr', type=float, default=1e-6)
-    group.add_argument('--min-lr', type=float, default=1e-5)
-    group.add_argument('--decay-epochs', type=float, default=30)
-    group.add_argument('--warmup-epochs', type=int, default=5)
-    group.add_argument('--cooldown-epochs', type=int, default=10)
-    group.add_argument('--patience-epochs', type=int, default=10)
-    group.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    group.add_argument('--lr-noise-std', type=NON_NEGATIVE, default=1.0)
+    group.add_argument('--warmup-lr', type=NON_NEGATIVE, default=1e-6)
+    group.add_argument('--min-lr', type=NON_NEGATIVE, default=1e-5)
+    group.add_argument('--decay-epochs', type=POSITIVE, default=30)
+    group.add_argument('--warmup-epochs', type=NON_NEGATIVE_INT, default=5)
+    group.add_argument('--cooldown-epochs', type=NON_NEGATIVE_INT, default=10)
+    group.add_argument('--patience-epochs', type=NON_NEGATIVE_INT, default=10)
+    group.add_argument('--decay-rate', '--dr', type=POSITIVE, default=0.1)
 
     group = parser.add_argument_group('augmentation')
-    group.add_argument('--color-jitter', type=float, default=0.4)
+    group.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4)
     group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1')
-    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    group.add_argument('--train-interpolation', type=str, default='bicubic')
+    group.add_argument('--smoothing', type=FRACTION, default=0.1, help='label smoothing')
+    group.add_argument('--train-interpolation', default='bicubic', choices=INTERPOLATIONS)
     group.add_argument('--gpu-augment', action='store_true',
                        help='resize the crops and run RandAugment on --device, batched: the loader '
                             'workers only decode and crop (inputs above 32 pixels, --aa rand-...)')
-    group.add_argument('--repeated-aug', action='store_true')
-    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
-    parser.set_defaults(repeated_aug=True)
-    group.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0),
+    group.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument('--scale', type=PROBABILITY, nargs=2, default=(0.08, 1.0),
                        help='RandomResizedCrop area range')
-    group.add_argument('--ratio', type=float, nargs=2, default=(3. / 4., 4. / 3.),
+    group.add_argument('--ratio', type=POSITIVE, nargs=2, default=(3. / 4., 4. / 3.),
                        help='RandomResizedCrop aspect ratio range')
-    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
-    group.add_argument('--reprob', type=float, default=0.25, help='random erase probability')
-    group.add_argument('--remode', type=str, default='pixel')
-    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--hflip', type=PROBABILITY, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=PROBABILITY, default=0., help='vertical flip probability')
+    group.add_argument('--reprob', type=PROBABILITY, default=0.25, help='random erase probability')
+    group.add_argument('--remode', default='pixel', choices=('pixel', 'rand', 'const'))
+    group.add_argument('--recount', type=POSITIVE_INT, default=1)
     group.add_argument('--resplit', action='store_true', help='a DeiT flag, accepted and unused')
 
     group = parser.add_argument_group('mixup')
-    group.add_argument('--mixup', type=float, default=0.8)
-    group.add_argument('--cutmix', type=float, default=1.0)
-    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
-    group.add_argument('--mixup-prob', type=float, default=1.0)
-    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup', type=NON_NEGATIVE, default=0.8)
+    group.add_argument('--cutmix', type=NON_NEGATIVE, default=1.0)
+    group.add_argument('--cutmix-minmax', type=PROBABILITY, nargs=2, default=None)
+    group.add_argument('--mixup-prob', type=PROBABILITY, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=PROBABILITY, default=0.5)
     group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
 
     group = parser.add_argument_group('distillation')
     group.add_argument('--teacher-model', default='regnety_160', type=str)
     group.add_argument('--teacher-path', type=str, default='')
     group.add_argument('--distillation-type', default='none', choices=('none', 'soft', 'hard'))
-    group.add_argument('--distillation-alpha', default=0.5, type=float)
-    group.add_argument('--distillation-tau', default=1.0, type=float)
+    group.add_argument('--distillation-alpha', default=0.5, type=PROBABILITY)
+    group.add_argument('--distillation-tau', default=1.0, type=POSITIVE)
 
     group = parser.add_argument_group('finetuning and data')
     group.add_argument('--finetune', default='',
@@ -192,15 +184,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--resume', default='', help='resume from checkpoint')
     group.add_argument('--auto-resume', action='store_true',
                        help=f'resume from output_dir/{CHECKPOINT_NAME} when it exists')
-    group.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    group.add_argument('--start_epoch', default=0, type=NON_NEGATIVE_INT, metavar='N')
     group.add_argument('--eval', action='store_true', help='evaluation only')
     group.add_argument('--dist-eval', action='store_true', default=False,
                        help='shard the evaluation over the processes')
-    group.add_argument('--num_workers', default=10, type=int)
-    group.add_argument('--pin-mem', action='store_true')
-    group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
-    parser.set_defaults(pin_mem=True)
-    group.add_argument('--print-freq', default=10, type=int, help='iterations between log lines')
+    group.add_argument('--num_workers', default=10, type=NON_NEGATIVE_INT)
+    group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument('--print-freq', default=10, type=POSITIVE_INT,
+                       help='iterations between log lines')
     group.add_argument('--world_size', default=1, type=int,
                        help='a DeiT flag, accepted and unused: launchers set WORLD_SIZE')
     group.add_argument('--dist_url', default='env://')
@@ -221,7 +212,8 @@ def reduces_tokens(args: argparse.Namespace) -> bool:
 
 def check_args(args: argparse.Namespace):
     """Rejects flag values that cannot work, naming the flag."""
-    import timm
+    import timm.data
+    import timm.optim
     if not timm.is_model(args.model):
         raise UsageError(f'unknown --model {args.model!r}; MTViT models are '
                          f'{", ".join(models_mtvit.MTVIT_MODELS)}, or give any timm model name')
@@ -229,14 +221,21 @@ def check_args(args: argparse.Namespace):
         raise UsageError('--visualize_mask needs --resume with the checkpoint to visualise')
     if args.visualize_mask and not is_mtvit(args.model):
         raise UsageError(f'--visualize_mask needs an MTViT --model, not {args.model}')
-    for flag, value in (('--n_visualization', args.n_visualization),
-                        ('--print-freq', args.print_freq)):
-        if value < 1:
-            raise UsageError(f'{flag} {value} must be at least 1')
-    if args.input_size is not None and args.input_size < 1:
-        raise UsageError(f'--input-size {args.input_size} must be positive')
-    if args.shrink_epochs < 0 or args.shrink_start_epoch < 0:
-        raise UsageError('--shrink_start_epoch and --shrink_epochs must be >= 0')
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f'--device {args.device!r} is not a device name '
+                         f'(cuda, cuda:N, cpu)') from None
+    if args.opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
+        raise UsageError(f'--opt {args.opt}: not one of timm\'s optimizers (adamw, sgd, lamb, ...)')
+    if args.aa not in ('', 'none'):
+        try:
+            timm.data.create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as error:
+            raise UsageError(f'--aa {args.aa}: not a timm augmentation policy ({error})') from None
+    for flag, (low, high) in (('--scale', args.scale), ('--ratio', args.ratio)):
+        if low > high:
+            raise UsageError(f'{flag} {low} {high}: the first must not exceed the second')
     if args.merge_any and is_mtvit(args.model):
         raise UsageError(f'--merge-any is for timm ViTs; {args.model} reduces tokens already')
     if args.use_lmdb:
@@ -403,10 +402,10 @@ def run(args: argparse.Namespace, dist_state):
     or training, each after the optional FLOPs and speed measurements."""
     device = dist_state.device
     checkpoint, resumed_weights, finetune_weights = prepare(args, dist_state)
-    training = not (args.eval or args.visualize_mask or args.only_test_speed)
+    training = trains(args)
     train_loader = val_loader = None
     if args.only_test_speed:
-        num_classes = num_classes_of(resumed_weights, args.model)
+        num_classes = num_classes_of(resumed_weights, args.model, DEFAULT_NUM_CLASSES)
     else:
         train_loader, val_loader, num_classes = build_loaders(args, dist_state, training)
 
@@ -457,8 +456,14 @@ def prepare(args: argparse.Namespace, dist_state):
     checkpoint_path = checkpoint_path_of(args)
     if args.auto_resume and not args.resume and checkpoint_path and os.path.exists(checkpoint_path):
         args.resume = checkpoint_path
+    if args.eval and not (args.resume or args.finetune):
+        raise UsageError('--eval needs the weights to evaluate: give --resume CHECKPOINT')
+    if (trains(args) and os.path.isfile(checkpoint_path)
+            and os.path.realpath(args.resume) != os.path.realpath(checkpoint_path)):
+        raise UsageError(f'--output_dir holds another run\'s {checkpoint_path}, which training '
+                         f'would overwrite: continue it with --auto-resume, or change --output_dir')
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    resumed_weights = model_state_dict(checkpoint, args.resume) if checkpoint else None
+    resumed_weights = model_state_dict(checkpoint, args.resume) if args.resume else None
     finetune_weights = None
     if args.finetune and args.resume:  # a finetuning run resumed: its own weights go on
         print(f'--resume {args.resume}: the run continues from it, --finetune {args.finetune} '
@@ -522,6 +527,8 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
                                                      batch_size=args.batch_size, path=args.resume)
         inside = f' iteration {first_iteration}' if first_iteration else ''
         print(f'resumed {args.resume} at epoch {start_epoch}{inside}')
+    if start_epoch >= args.epochs:
+        print(f'nothing to train: the run is at epoch {start_epoch}, --epochs is {args.epochs}')
     mixup_fn, criterion = build_criterion(
         num_classes, device, mixup=args.mixup, cutmix=args.cutmix,
         cutmix_minmax=args.cutmix_minmax, mixup_prob=args.mixup_prob,
@@ -550,20 +557,9 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
                start_epoch=start_epoch, first_iteration=first_iteration, run_args=vars(args).copy())
 
 
-def num_classes_of(weights: Optional[dict], model_name: str) -> int:
-    """The class count of a checkpoint's classifier (timm's name for the model's: ``head``,
-    ``fc``, ``head.fc``, ...), or ImageNet's without a checkpoint (--only_test_speed)."""
-    import timm
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    for name in classifier_names(cfg.classifier if cfg is not None else None):
-        if weights and f'{name}.weight' in weights:
-            return weights[f'{name}.weight'].shape[0]
-    return DEFAULT_NUM_CLASSES
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trains(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for training (not evaluation, visualisation or speed only)."""
+    return not (args.eval or args.visualize_mask or args.only_test_speed)
 
 
 def checkpoint_path_of(args: argparse.Namespace) -> str:
@@ -586,6 +582,9 @@ def cli(argv=None) -> int:
     except Preempted as stopped:  # not an error: the run saved its state and can go on
         print(f'main.py: {stopped}', file=sys.stderr, flush=True)
         return stopped.exit_status
+    except KeyboardInterrupt:  # outside training, or a second Ctrl-C (the first saves and stops)
+        print('main.py: interrupted', file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except (MachineError, OSError, RuntimeError) as error:  # faults of the machine
         message = str(error) if isinstance(error, MachineError) else machine_error_message(error)
         if message is None or args.debug:

@@ -21,8 +21,9 @@ from utils import (NonFiniteLossError, all_gather_object, all_reduce_min, get_rn
 LR_REFERENCE_BATCH = 512
 """The learning rate given on the command line is for this many images per step (DeiT)."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""What a scheduler sends before it kills a job (SLURM: SIGTERM, or SIGUSR1 with --signal)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""What a scheduler sends before it kills a job (SLURM: SIGTERM, or SIGUSR1 with --signal), and
+Ctrl-C (SIGINT; a second one interrupts at once, without saving)."""
 
 POSITION_EMBEDDING_NAMES = ('pos_embed', 'pos_embed_list')
 
@@ -41,6 +42,11 @@ IMPLEMENTATION_KEYS = ('fused', 'foreach')
 # Fused on CUDA since PyTorch 2.0-2.2 (timm's adam, adamw, sgd, nesterov, momentum), with the
 # loss scaler's overflow check taken on the device.
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def scaled_lr(lr: float, batch_size: int, world_size: int) -> float:
@@ -203,7 +209,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: s
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGUSR1 only set a flag, which the training loop polls between
+    """While active, the ``STOP_SIGNALS`` only set a flag, which the training loop polls between
     steps; the previous handlers come back on exit. Outside the main thread (where Python
     cannot install handlers) it does nothing."""
 
@@ -213,6 +219,8 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signal_number, _frame):
+        if signal_number == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without saving
         self.received = signal_number
 
     def __enter__(self) -> 'StopSignals':

@@ -460,6 +460,41 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f'{self.command}: error: {message} (see --help)\n')
 
 
+def number_in(kind: type, low: float, high: float = math.inf, *, open_low: bool = False,
+              open_high: bool = False, what: str = ''):
+    """An argparse ``type``: the text as ``kind`` (int or float) within [low, high] (an end
+    excluded where ``open_*``), else argparse's one-line error naming the flag and ``what``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {what}') from None
+        above = low < value if open_low else low <= value
+        below = value < high if open_high else value <= high
+        if not (above and below):  # NaN fails both
+            raise argparse.ArgumentTypeError(f'{text} is not {what}')
+        return value
+    parse.__name__ = what  # argparse names the type by it
+    return parse
+
+
+def parse_drop_loc(text: str) -> tuple:
+    """An argparse ``type``: '(3, 6, 9)', '3,6,9' or '[3 6 9]' -> (3, 6, 9); never evaluated as
+    code."""
+    if not re.fullmatch(r'[\s()\[\],0-9]*', text) or not re.search(r'\d', text):
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a list of block indices such as "(3, 6, 9)"')
+    return tuple(int(index) for index in re.findall(r'\d+', text))
+
+
+POSITIVE_INT = number_in(int, 1, what='a positive integer')
+NON_NEGATIVE_INT = number_in(int, 0, what='an integer >= 0')
+POSITIVE = number_in(float, 0, open_low=True, what='a number > 0')
+NON_NEGATIVE = number_in(float, 0, what='a number >= 0')
+PROBABILITY = number_in(float, 0, 1, what='a probability in [0, 1]')
+FRACTION = number_in(float, 0, 1, open_high=True, what='a fraction in [0, 1)')
+
+
 class MachineError(Exception):
     """The machine failed, not the input (a full disk, an unwritable folder, a killed worker).
     ``exit_status`` is what the command line exits with."""

@@ -94,9 +94,12 @@ def test_finetune_from_url_downloads_once(served, tree, tmp_path, capsys):
     assert f'finetune from {url}: missing keys [], unexpected keys []' in out
     assert server.requests == 1 and cached.read_bytes() == (folder / 'x.pth').read_bytes()
 
-    # The same weights as the local file, and not the model's own initialisation.
+    # The same weights as the local file, and not other weights of the same model.
     from_file = run_main([*tree_args(tree), *EVAL_ARGS, '--finetune', folder / 'x.pth'])
-    untouched = run_main([*tree_args(tree), *EVAL_ARGS])
+    torch.manual_seed(6)
+    other = timm.create_model('deit_tiny_patch16_shrink_base', img_size=32, num_classes=10)
+    torch.save({'model': other.state_dict()}, tmp_path / 'other.pth')
+    untouched = run_main([*tree_args(tree), *EVAL_ARGS, '--resume', tmp_path / 'other.pth'])
     capsys.readouterr()
     assert from_url == from_file
     assert from_url['loss'] != untouched['loss']

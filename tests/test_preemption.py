@@ -47,7 +47,7 @@ def signal_at_call(monkeypatch, call, signal_number):
     monkeypatch.setattr(losses.DistillationLoss, 'forward', counting_forward)
 
 
-@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_mid_epoch_then_exact_resume(tree, tmp_path, monkeypatch, capsys,
                                                  signal_number):
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
@@ -97,6 +97,27 @@ def test_stop_signal_without_output_dir_says_nothing_saved(tree, monkeypatch, ca
     assert main.cli([*tree_args(tree), *TINY_RUN, *EPOCHS]) == 128 + signal.SIGTERM
     assert ('main.py: stopped by SIGTERM at epoch 0 iteration 2; nothing saved (no --output_dir)'
             in capsys.readouterr().err)
+
+
+def test_ctrl_c_twice_interrupts_at_once_without_saving(tree, tmp_path, monkeypatch, capsys):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    forward = losses.DistillationLoss.forward
+
+    def interrupted_twice(self, *args):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the first only asks to stop after the step
+            assert len(calls) == 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', interrupted_twice)
+    status = main.cli([*tree_args(tree), *TINY_RUN, *EPOCHS, '--output_dir', str(tmp_path)])
+    assert status == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip().splitlines()[-1] == 'main.py: interrupted'
+    assert len(calls) == 2 and not (tmp_path / 'checkpoint.pth').exists()
 
 
 LAUNCHER = '''
