@@ -437,8 +437,9 @@ def _shape_mismatches(state_dict: dict, target: dict) -> List[str]:
             if state_dict[key].shape != target[key].shape]
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
-    """Loads a checkpoint of this very model (resume, eval), listing any mismatch."""
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str, flag: str = '--model'):
+    """Loads a checkpoint of this very model (resume, eval), listing any mismatch; ``flag``
+    names the option that chose the model."""
     target = model.state_dict()
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
@@ -447,7 +448,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str):
         problems = '; '.join(f'{name}: {_listed(keys)}'
                              for name, keys in (('missing', missing), ('unexpected', unexpected),
                                                 ('shape', wrong_shape)) if keys)
-        raise CheckpointError(f'{path} does not fit --model {type(model).__name__} '
+        raise CheckpointError(f'{path} does not fit {flag} {type(model).__name__} '
                               f'({problems})')
     model.load_state_dict(state_dict, strict=True)
 

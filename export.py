@@ -22,10 +22,11 @@ import torch.nn as nn
 import models_mtvit
 from checkpoints import CheckpointError, load_checkpoint, load_weights, model_state_dict
 from datasets import DATA_SETS, DatasetError
-from main import (UsageError, check_model_config, create_model, is_mtvit, parse_drop_loc,
+from main import (UsageError, check_model_config, create_model, is_mtvit,
                   reconcile_with_checkpoint)
 from main import get_args_parser as main_args_parser
-from utils import OneLineErrorParser, machine_error_message
+from utils import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, OneLineErrorParser,
+                   machine_error_message, parse_drop_loc)
 
 OPSET = 18  # ScatterElements with reduction='add' (the mergence) needs 16 or later
 CHECK_SEED = 0
@@ -83,7 +84,18 @@ def export_onnx(model: nn.Module, path: str, input_size: int, in_chans: int = 3,
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
                       type(error).__name__)
         raise ExportError(f'{type(error).__name__}: {reason}') from None
-    program.save(path)
+    # Saved beside ``path`` and renamed over it: a failed save leaves an earlier file whole.
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f'.{os.path.basename(path)}.{os.getpid()}.partial')
+    try:
+        program.save(partial)
+        os.replace(partial, path)
+    except OSError as error:
+        message = f'{error.strerror or error}; {path} is as it was'
+        raise OSError(error.errno, message, path) from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def ort_session(path: str, threads: int):
@@ -157,7 +169,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--output', required=True, help='the ONNX file to write')
     parser.add_argument('--model', default=None,
                         help='MTViT or timm ViT name (default: the checkpoint\'s)')
-    parser.add_argument('--input-size', default=None, type=int,
+    parser.add_argument('--input-size', default=None, type=POSITIVE_INT,
                         help='image size (default: the checkpoint\'s)')
     parser.add_argument('--base_keep_rate', default=None, type=float,
                         help='keep rate of the exported graph (default: the checkpoint\'s; for a '
@@ -169,14 +181,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data-set', default=None, choices=DATA_SETS,
                         help='also compare on this validation split (e.g. DIGITS)')
     parser.add_argument('--data-path', default='', help='as main.py\'s')
-    parser.add_argument('--batch-size', default=64, type=int, help='for --data-set')
-    parser.add_argument('--num_workers', default=0, type=int, help='for --data-set')
-    parser.add_argument('--check-batch-sizes', default=[1, 7], type=int, nargs='+',
+    parser.add_argument('--batch-size', default=64, type=POSITIVE_INT, help='for --data-set')
+    parser.add_argument('--num_workers', default=0, type=NON_NEGATIVE_INT, help='for --data-set')
+    parser.add_argument('--check-batch-sizes', default=[1, 7], type=POSITIVE_INT, nargs='+',
                         help='random-image batches compared')
-    parser.add_argument('--atol', default=1e-4, type=float,
+    parser.add_argument('--atol', default=1e-4, type=NON_NEGATIVE,
                         help='largest logit difference accepted')
-    parser.add_argument('--speed-batch-size', default=32, type=int)
-    parser.add_argument('--speed-iterations', default=3, type=int, help='timed batches a round')
+    parser.add_argument('--speed-batch-size', default=32, type=POSITIVE_INT)
+    parser.add_argument('--speed-iterations', default=3, type=POSITIVE_INT,
+                        help='timed batches a round')
     parser.add_argument('--no-speed', dest='speed', action='store_false',
                         help='skip the throughput measurement')
     return parser
@@ -240,6 +253,8 @@ def main(args: argparse.Namespace) -> dict:
     saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
     config = resolve_config(args, saved, weights)
     model = build_model(config, weights, args.resume)
+    # Built before the export, so that a bad --data-set or --data-path stops it first.
+    dataset = _validation_set(args, config.input_size) if args.data_set else None
     fixed = FixedTokenCounts(model, model.token_counts(config.base_keep_rate)).eval()
     try:
         export_onnx(fixed, args.output, config.input_size)
@@ -257,7 +272,7 @@ def main(args: argparse.Namespace) -> dict:
     failures = [f'{name} differs by {value:.2e}' for name, value in report['random'].items()
                 if not value <= args.atol]
     if args.data_set:
-        report['dataset'] = _check_data_set(session, fixed, args, config.input_size)
+        report['dataset'] = _check_data_set(session, fixed, dataset, args)
         stats = report['dataset']
         if stats['same_class'] != stats['images'] or not stats['max_difference'] <= args.atol:
             failures.append(f'{args.data_set}: {stats["images"] - stats["same_class"]} images '
@@ -276,12 +291,16 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def _check_data_set(session, model: nn.Module, args: argparse.Namespace,
-                    input_size: int) -> Dict[str, float]:
+def _validation_set(args: argparse.Namespace, input_size: int):
+    """--data-set's validation split at ``input_size`` (DatasetError naming what is wrong)."""
     from datasets import build_dataset
     from input_pipeline import build_transform
-    dataset, _ = build_dataset(False, data_set=args.data_set, data_path=args.data_path,
-                               transform=build_transform(False, input_size=input_size))
+    return build_dataset(False, data_set=args.data_set, data_path=args.data_path,
+                         transform=build_transform(False, input_size=input_size))[0]
+
+
+def _check_data_set(session, model: nn.Module, dataset, args: argparse.Namespace
+                    ) -> Dict[str, float]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                          num_workers=args.num_workers)
     stats = check_dataset(session, model, loader)

@@ -104,7 +104,8 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
     from checkpoints import load_checkpoint, load_weights, model_state_dict
     teacher = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
                                 global_pool='avg')
-    load_weights(teacher, model_state_dict(load_checkpoint(path), path), path)
+    load_weights(teacher, model_state_dict(load_checkpoint(path), path), path,
+                 flag=f'--teacher-model {model_name}:')
     return teacher.to(device).eval()
 
 

@@ -21,7 +21,7 @@ whatever the device); compiled (fused) code moves fewer bytes.
 """
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ from matmul_ops import cuda_forms
 from utils import amp_autocast
 
 __all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_flops', 'count_kernel_ops',
-           'count_macs', 'step_costs', 'tensor_bytes']
+           'count_macs', 'print_roofline', 'step_costs', 'tensor_bytes']
 
 MATRIX_PRODUCTS = ('mm', 'addmm', 'bmm', 'baddbmm')
 GATHERS = ('gather', 'index_select', 'embedding', 'index')
@@ -167,6 +167,34 @@ def step_costs(model: nn.Module, input_size: int, device: torch.device, batch_si
         for parameter, grad in held.items():
             parameter.grad = grad
     return ops.costs
+
+
+def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], input_size: int,
+                   device: torch.device, batch_size: int, amp: str,
+                   amp_dtype: Optional[torch.dtype]) -> List[dict]:
+    """Prints each model's ``H100`` estimate for each of ``modes`` ('inference', 'train') at
+    ``batch_size`` under ``amp_dtype`` autocast (``amp``: its name), with its speed relative to
+    the first model (the first's time over its own); returns one record each (speed_test's
+    ``--roofline`` and ``--json``)."""
+    records = []
+    for mode in modes:
+        first = None
+        for spec, model in models.items():
+            costs = step_costs(model, input_size, device, batch_size, amp_dtype,
+                               train=mode == 'train')
+            seconds = H100.seconds(costs)
+            first = first or seconds
+            record = dict(model=spec, mode=f'roofline-{mode}', gpu='H100 (op_costs.H100)',
+                          batch_size=batch_size, amp=amp, estimated_ms=seconds * 1e3,
+                          operations=len(costs), gigabytes=sum(c.bytes for c in costs) / 1e9,
+                          tflop=sum(c.flops for c in costs) / 1e12,
+                          speed_vs_first=first / seconds)
+            records.append(record)
+            print(f'{spec}: roofline {record["estimated_ms"]:.3f} ms per {mode} step on an H100 '
+                  f'(batch {batch_size}, amp {amp}; {record["operations"]} operations, '
+                  f'{record["gigabytes"]:.2f} GB, {record["tflop"]:.3f} TFLOP), speed '
+                  f'{record["speed_vs_first"]:.3f}x the first model\'s', flush=True)
+    return records
 
 
 def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,

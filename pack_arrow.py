@@ -108,8 +108,9 @@ def _parse_command_line(argv):
 def main(argv=None):
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``); return the exit status.
 
-    Data problems (``DatasetError``) and file-system errors print one ``error: ...`` line on
-    stderr and return 2; bad flags exit 2 through argparse.
+    Data problems (``DatasetError``) and file-system errors print one ``pack_arrow.py: error:``
+    line (naming the file, or ``--dst``) on stderr and return 2; bad flags exit 2 through
+    argparse.
     """
     args = _parse_command_line(argv)
     try:
@@ -118,7 +119,9 @@ def main(argv=None):
         else:
             counts = export_digits_imagefolder(args.dst)
     except (DatasetError, OSError) as err:
-        print(f'error: {err}', file=sys.stderr)
+        if isinstance(err, OSError) and err.strerror:  # a full disk names no file of its own
+            err = f'{err.strerror} ({err.filename or args.dst})'
+        print(f'pack_arrow.py: error: {err}', file=sys.stderr)
         return 2
     print(', '.join(f'{split}: {count} images' for split, count in counts.items()) + f' written to {args.dst}')
     return 0

@@ -21,6 +21,7 @@ import time
 import torch
 
 from speed_test import synchronize
+from utils import NON_NEGATIVE_INT, POSITIVE_INT
 
 DEFAULT_ROUNDS = 7
 DEFAULT_IMAGES = 512
@@ -45,11 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         command='datasets.py bench', prog='python datasets.py bench')
     parser.add_argument('--data-path', required=True, help='an ImageFolder tree (train/<class>/<image>)')
     parser.add_argument('--data-set', default='IMNET', help='IMNET, ARROW, INAT, INAT19, CIFAR or DIGITS')
-    parser.add_argument('--input-size', type=int, default=224)
-    parser.add_argument('--workers', type=int, default=1, help='loader worker processes (0: in this process)')
-    parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument('--images', type=int, default=DEFAULT_IMAGES, help='images per round')
-    parser.add_argument('--rounds', type=int, default=DEFAULT_ROUNDS, help='timed rounds per pipeline')
+    parser.add_argument('--input-size', type=POSITIVE_INT, default=224)
+    parser.add_argument('--workers', type=NON_NEGATIVE_INT, default=1, help='loader worker processes (0: in this process)')
+    parser.add_argument('--batch-size', type=POSITIVE_INT, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument('--images', type=POSITIVE_INT, default=DEFAULT_IMAGES, help='images per round')
+    parser.add_argument('--rounds', type=POSITIVE_INT, default=DEFAULT_ROUNDS, help='timed rounds per pipeline')
     parser.add_argument('--device', default='cpu', help='where the batches go (cpu, cuda)')
     parser.add_argument('--main-flags', default='', metavar='"FLAGS"',
                         help='further main.py flags, e.g. --main-flags="--reprob 0 --aa none"')

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from op_costs import H100, count_flops, count_kernel_ops, count_macs, step_costs
+from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline
 from utils import amp_autocast
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
@@ -356,8 +356,17 @@ def _build_models(specs: Sequence[str], args, device: torch.device) -> Dict[str,
     for spec in specs:
         name, kwargs = parse_model_spec(spec)
         torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=args.num_classes, img_size=args.input_size,
-                                  **kwargs).to(device)
+        try:
+            try:
+                model = timm.create_model(name, num_classes=args.num_classes,
+                                          img_size=args.input_size, **kwargs)
+            except TypeError as error:  # a CNN takes no img_size: any input size fits it
+                if "'img_size'" not in str(error):
+                    raise
+                model = timm.create_model(name, num_classes=args.num_classes, **kwargs)
+        except TypeError as error:  # a key the model does not take, or a value of another type
+            raise ValueError(f'{spec}: {error}') from None
+        model = model.to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[spec] = model
@@ -482,32 +491,6 @@ def measure_compile_time(spec: str, args, device: torch.device) -> dict:
                     generated_kernels=record['generated_kernels'])
 
 
-def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], args: argparse.Namespace,
-                   device: torch.device) -> List[dict]:
-    """Prints each model's roofline estimate (see ``op_costs``) for each of ``modes``, with its
-    speed relative to the first model (the first's time over its own); returns one record each,
-    as ``--json`` writes them."""
-    batch_size = args.batch_size[0] if args.batch_size else ROOFLINE_BATCH
-    records = []
-    for mode in modes:
-        first = None
-        for spec, model in models.items():
-            costs = step_costs(model, args.input_size, device, batch_size, AMP_DTYPES[args.amp],
-                               train=mode == 'train')
-            seconds = H100.seconds(costs)
-            first = first or seconds
-            record = dict(model=spec, mode=f'roofline-{mode}', gpu='H100 (op_costs.H100)',
-                          batch_size=batch_size, amp=args.amp, estimated_ms=seconds * 1e3,
-                          operations=len(costs), gigabytes=sum(c.bytes for c in costs) / 1e9,
-                          tflop=sum(c.flops for c in costs) / 1e12, speed_vs_first=first / seconds)
-            records.append(record)
-            print(f'{spec}: roofline {record["estimated_ms"]:.3f} ms per {mode} step on an H100 '
-                  f'(batch {batch_size}, amp {args.amp}; {record["operations"]} operations, '
-                  f'{record["gigabytes"]:.2f} GB, {record["tflop"]:.3f} TFLOP), speed '
-                  f'{record["speed_vs_first"]:.3f}x the first model\'s', flush=True)
-    return records
-
-
 def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
     """The parts of the README's GPU table that ``--suite`` names (``SUITES``): the compile
     times, then the GPU_SUITE rows for SUITE_MODELS (the first three when compiled)."""
@@ -574,7 +557,9 @@ def main(args: argparse.Namespace) -> List[dict]:
             print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'
                   f' kernel-running operations per forward (batch 1, amp {args.amp})')
     modes = ('inference', 'train') if args.mode == 'both' else (args.mode,)
-    records = print_roofline(models, modes, args, device) if args.roofline else []
+    records = (print_roofline(models, modes, args.input_size, device,
+                              args.batch_size[0] if args.batch_size else ROOFLINE_BATCH, args.amp,
+                              AMP_DTYPES[args.amp]) if args.roofline else [])
     if settings['repeats'] == 0:  # the counts and estimates only
         _write_json(args.json, device, records)
         return records

@@ -284,3 +284,8 @@ def visualize(model: torch.nn.Module, dataset, device: Union[str, torch.device],
             done += len(images)
     model.train(was_training)
     return written
+
+
+if __name__ == '__main__':
+    raise SystemExit('visualize_mask.py is the library behind `main.py --visualize_mask --resume '
+                     'CHECKPOINT --n_visualization N --output_dir DIR`; run that instead')

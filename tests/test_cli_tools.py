@@ -257,6 +257,27 @@ def test_speed_test_malformed_spec_exits_2_with_one_line():
     assert lines[0].startswith('speed_test.py: error: ') and "'foo'" in lines[0]
 
 
+@pytest.mark.parametrize('spec, named', [
+    ('deit_tiny_patch16_224:foo=1', "unexpected keyword argument 'foo'"),
+    ('deit_tiny_patch16_shrink_base:drop_loc=12', "'int' object is not iterable"),
+])
+def test_speed_test_a_key_the_model_refuses_is_one_line(spec, named):
+    import speed_test
+    args = speed_test.get_args_parser().parse_args([spec, '--input-size', '32'])
+    with pytest.raises(ValueError, match=f'^{re.escape(spec)}: .*{re.escape(named)}'):
+        speed_test.main(args)
+
+
+def test_speed_test_times_a_cnn_beside_a_vit(capsys):
+    import speed_test
+    args = speed_test.get_args_parser().parse_args([
+        'deit_tiny_patch16_224', 'resnet18', '--input-size', '32', '--batch-size', '2',
+        '--iterations', '1', '--warmup', '0', '--repeats', '1'])
+    records = speed_test.main(args)
+    assert [record['model'] for record in records] == ['deit_tiny_patch16_224', 'resnet18']
+    assert all(record['images_per_s'] > 0 for record in records)
+
+
 def test_speed_test_compile_mode_needs_compile():
     import speed_test
     args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', '--compile-mode',

@@ -8,6 +8,7 @@
 * A bad checkpoint, an unsupported or unknown model, a missing output folder and an ONNX file
   that does not match the model end in one line ``export.py: error: ...`` and a non-zero exit.
 """
+import errno
 import os
 import shutil
 import sys
@@ -190,3 +191,48 @@ def test_bad_input_one_line(case, message, tmp_path, timm_checkpoint, capsys):
     assert status == 2
     assert err.count('\n') == 1 and err.startswith('export.py: error: ') and message in err
     assert not os.path.exists(output)
+
+
+def test_a_failed_save_leaves_the_earlier_file_whole(timm_checkpoint, timm_onnx, capsys,
+                                                      monkeypatch):
+    path, _, tmp_path = timm_checkpoint
+    output = tmp_path / 'kept.onnx'
+    shutil.copy(timm_onnx, output)
+    before = output.read_bytes()
+
+    def disk_full(self, destination, **_):
+        with open(destination, 'wb') as handle:
+            handle.write(b'half an ONNX file')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, 'save', disk_full)
+    status, _, err = _run(['--resume', path, '--output', str(output), '--no-speed'], capsys)
+    assert status == 1
+    assert err == (f'export.py: error: No space left on device; {output} is as it was '
+                   f'({output})\n')
+    assert output.read_bytes() == before
+    assert not [name for name in os.listdir(tmp_path) if name.endswith('.partial')]
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--check-batch-sizes', '0'], '--check-batch-sizes'), (['--speed-iterations', '0'],
+                                                           '--speed-iterations'),
+    (['--speed-batch-size', '0'], '--speed-batch-size'), (['--batch-size', '0'], '--batch-size'),
+])
+def test_counts_below_one_are_refused_before_the_export(flags, named, tmp_path, timm_checkpoint,
+                                                        capsys):
+    output = tmp_path / 'model.onnx'
+    with pytest.raises(SystemExit) as stop:
+        export.cli(['--resume', timm_checkpoint[0], '--output', str(output), *flags])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'export.py: error: argument {named}: 0 is not a positive integer')
+    assert not output.exists()
+
+
+def test_a_bad_data_path_is_refused_before_the_export(tmp_path, timm_checkpoint, capsys):
+    output = tmp_path / 'model.onnx'
+    status, _, err = _run(['--resume', timm_checkpoint[0], '--output', str(output), '--data-set',
+                           'IMNET', '--data-path', str(tmp_path / 'missing')], capsys)
+    assert status == 2 and 'does not exist' in err and err.count('\n') == 1
+    assert not output.exists()

@@ -179,3 +179,15 @@ def test_soft_loss_scales_with_tau_squared(models):
             - (teacher_logits - teacher_logits.mean(1, keepdim=True)))
     approx = (diff ** 2).sum(1).div(2 * CLASSES).sum().item() / (BATCH * CLASSES)
     assert math.isclose(loss, approx, rel_tol=1e-4)
+
+
+def test_a_teacher_checkpoint_of_another_model_names_the_teacher_flag(tmp_path):
+    import timm
+    from checkpoints import CheckpointError
+    from losses import build_teacher
+    path = tmp_path / 'student.pth'
+    torch.save({'model': timm.create_model('deit_tiny_patch16_224', num_classes=10).state_dict()},
+               path)
+    with pytest.raises(CheckpointError, match=f'^{path} does not fit --teacher-model resnet18: '
+                                              f'ResNet \\(missing: '):
+        build_teacher('resnet18', str(path), num_classes=10, device=torch.device('cpu'))

@@ -138,7 +138,8 @@ def test_cli_pack_and_errors(tmp_path):
     assert failed.returncode == 2
     assert failed.stdout == ''
     lines = failed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and str(missing) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith('pack_arrow.py: error: ')
+    assert str(missing) in lines[0]
     assert 'Traceback' not in failed.stderr
     assert not (tmp_path / 'out').exists()
 
@@ -148,7 +149,7 @@ def test_cli_export_digits_in_process(tmp_path, capsys):
     assert f'train: {DIGITS_TRAIN_SIZE} images' in capsys.readouterr().out
     assert len(ImageFolder(str(tmp_path / 'digits' / 'val'))) == DIGITS_VAL_SIZE
     assert pack_arrow.main(['export-digits', '--dst', str(tmp_path / 'digits')]) == 2
-    assert capsys.readouterr().err.startswith('error: refusing')
+    assert capsys.readouterr().err.startswith('pack_arrow.py: error: refusing')
 
 
 def test_cli_earlier_spelling_through_datasets_py(tmp_path):
