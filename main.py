@@ -74,8 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                           'of --resume or an MTViT --finetune source, else off)')
     group.add_argument('--merge-any', action='store_true',
                        help='give a timm ViT --model token mergence (--base_keep_rate at '
-                            '--drop_loc) on its own weights, for --eval, --finetune, training, '
-                            '--flops and --test_speed')
+                            '--drop_loc) on its own weights, for every use')
     group.add_argument('--no-multi-scale', dest='multi_scale', action='store_false',
                        help='single scale, also when finetuning from a multi-scale checkpoint')
     group.add_argument('--shrink_start_epoch', default=10, type=NON_NEGATIVE_INT,
@@ -88,8 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--speed-batch-size', type=POSITIVE_INT, default=None,
                        help='throughput batch (default 32 on CPU, 64 on GPU)')
     group.add_argument('--speed-iterations', type=POSITIVE_INT, default=None,
-                       help='timed batches per round (default: as many as fill 1 s on a CPU, '
-                            '0.5 s on a GPU; at least 3 and 30)')
+                       help='timed batches per round (default: 1 s of them on a CPU, 0.5 s on '
+                            'a GPU; at least 3 and 30)')
     group.add_argument('--visualize_mask', action='store_true',
                        help='write merge-group pictures of validation images (with --resume)')
     group.add_argument('--n_visualization', default=128, type=POSITIVE_INT)
@@ -236,6 +235,8 @@ def check_args(args: argparse.Namespace):
     for flag, (low, high) in (('--scale', args.scale), ('--ratio', args.ratio)):
         if low > high:
             raise UsageError(f'{flag} {low} {high}: the first must not exceed the second')
+    if args.auto_resume and not args.output_dir:
+        raise UsageError('--auto-resume resumes from --output_dir\'s checkpoint: give --output_dir')
     if args.merge_any and is_mtvit(args.model):
         raise UsageError(f'--merge-any is for timm ViTs; {args.model} reduces tokens already')
     if args.use_lmdb:

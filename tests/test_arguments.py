@@ -47,6 +47,7 @@ def the_error_line(capsys) -> str:
     (['--remode', 'foo'], '--remode'), (['--opt', 'foo'], '--opt foo'),
     (['--aa', 'foo'], '--aa foo'), (['--device', 'foo'], "--device 'foo'"),
     (['--scale', '1', '0.5'], '--scale 1.0 0.5'), (['--ratio', '2', '1'], '--ratio 2.0 1.0'),
+    (['--auto-resume'], 'give --output_dir'),
 ])
 def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
     status = cli_status([*tree_args(tmp_path / 'no-data'), *TINY_RUN, *flags])
