@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import main as mtvit_main
 from launch_env import slurm_master_port
-from utils import OneLineErrorParser
+from utils import MachineError, OneLineErrorParser, check_output_dir
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TIMEOUT_MIN = 60 * 48
@@ -152,9 +152,14 @@ def cli(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_job_args(args)
-    except mtvit_main.UsageError as error:
+        if args.output_dir:  # where the job will write, proven writable before it is queued
+            check_output_dir(args.output_dir)
+    except (mtvit_main.UsageError, MachineError) as error:
         parser.error(str(error))
-    job = submit(args)
+    try:
+        job = submit(args)
+    except (RuntimeError, OSError) as error:  # no srun here (--cluster slurm), --job_dir unwritable
+        parser.exit(1, f'run_with_submitit.py: error: {error}\n')
     outputs = f', outputs in {args.output_dir}' if args.output_dir else ''
     print(f'Submitted job {job.job_id}: logs in '
           f'{args.job_dir.replace(JOB_ID_PATTERN, str(job.job_id))}{outputs}', flush=True)

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline
-from utils import amp_autocast
+from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
 # drifts with its clock: several rounds and their median say more than one long one).
@@ -303,7 +303,8 @@ def environment(device: torch.device) -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """speed_test.py's command line (``main(get_args_parser().parse_args([...]))``)."""
-    parser = argparse.ArgumentParser('Compare the cost of models in one process', add_help=True)
+    parser = OneLineErrorParser(description='Compare the cost of models in one process',
+                                command='speed_test.py')
     parser.add_argument('models', nargs='*', help='name[:key=value...]; ratios are to the first')
     parser.add_argument('--suite', choices=tuple(SUITES), default=None,
                         help='gpu: DeiT-S and the MTViT-S variants over the README\'s GPU table '
@@ -319,10 +320,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'host-bound small batches); with --compile')
     parser.add_argument('--channels-last', action='store_true',
                         help='models and images in channels-last memory format')
-    parser.add_argument('--input-size', type=int, default=224)
-    parser.add_argument('--num-classes', type=int, default=1000)
+    parser.add_argument('--input-size', type=POSITIVE_INT, default=224)
+    parser.add_argument('--num-classes', type=POSITIVE_INT, default=1000)
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--batch-size', type=int, nargs='+', default=None,
+    parser.add_argument('--batch-size', type=POSITIVE_INT, nargs='+', default=None,
                         help=f'one or more (1 gives the latency); default '
                              f'{CPU_DEFAULTS["batch_size"]} on CPU, {GPU_DEFAULTS["batch_size"]} on GPU')
     parser.add_argument('--iterations', type=int, default=None, help='timed batches per round')
@@ -330,7 +331,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--repeats', type=int, default=None,
                         help='rounds; the median is reported (0: no timing, only the figures of '
                              '--flops, --count-ops and --roofline)')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
     parser.add_argument('--count-ops', action='store_true',
                         help='also print the kernel-running operations of one forward at batch 1 '
@@ -529,7 +530,16 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
 
 def main(args: argparse.Namespace) -> List[dict]:
     """Runs the comparison (or the suite); returns its records, as ``--json`` writes them."""
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f'--device {args.device!r} is not a device name '
+                         f'(cuda, cuda:N, cpu)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {args.device}: CUDA is not available here')
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise ValueError(f'--json {args.json}: {folder} is not a writable folder')
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':

@@ -268,6 +268,18 @@ def test_speed_test_a_key_the_model_refuses_is_one_line(spec, named):
         speed_test.main(args)
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--device', 'foo'], "--device 'foo' is not a device name (cuda, cuda:N, cpu)"),
+    (['--json', '/proc/no_such_folder/out.json'], 'is not a writable folder'),
+])
+def test_speed_test_checks_the_device_and_json_before_measuring(flags, message, monkeypatch):
+    import speed_test
+    monkeypatch.setattr(speed_test, '_build_models', lambda *_: pytest.fail('built models'))
+    args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', *flags])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        speed_test.main(args)
+
+
 def test_speed_test_times_a_cnn_beside_a_vit(capsys):
     import speed_test
     args = speed_test.get_args_parser().parse_args([

@@ -308,3 +308,19 @@ def test_submitit_help_and_a_requeued_finetuning_keeps_its_flag(tmp_path):
     run_with_submitit.resume_from_job_dir(args)
     # main.py resumes and does not read --finetune again, but keeps finetuning's eval mode.
     assert (args.resume, args.finetune) == (str(tmp_path / 'checkpoint.pth'), 'source.pth')
+
+
+def test_submitit_refuses_an_unwritable_output_dir_before_submitting(tree, tmp_path, capsys,
+                                                                      monkeypatch):
+    import run_with_submitit
+    monkeypatch.setattr(run_with_submitit, 'submit', lambda args: pytest.fail('submitted'))
+    output = tmp_path / 'a_file'
+    output.write_text('not a folder')
+    with pytest.raises(SystemExit) as stop:
+        run_with_submitit.cli([*tree_args(tree), *TINY_RUN, '--cluster', 'local', '--ngpus', '0',
+                               '--tasks_per_node', '1', '--job_dir', str(tmp_path / 'job'),
+                               '--output_dir', str(output / 'out')])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'run_with_submitit.py: error: --output_dir {output / "out"} is not '
+                          f'writable') and err.count('\n') == 1
