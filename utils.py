@@ -223,18 +223,6 @@ def all_gather_object(obj: Any) -> list:
     return gathered
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over all processes (a copy of the input without a process group).
-
-    Args:
-        tensor: floating-point tensor of any shape on the backend's device.
-
-    Returns:
-        A new tensor of the same shape holding the mean over processes.
-    """
-    return all_reduce_sum(tensor) / get_world_size()
-
-
 def seed_everything(seed: int, rank: int = 0) -> int:
     """Seed python ``random``, numpy and torch (CPU and every CUDA device).
 
@@ -484,7 +472,10 @@ def parse_drop_loc(text: str) -> tuple:
     if not re.fullmatch(r'[\s()\[\],0-9]*', text) or not re.search(r'\d', text):
         raise argparse.ArgumentTypeError(
             f'{text!r} is not a list of block indices such as "(3, 6, 9)"')
-    return tuple(int(index) for index in re.findall(r'\d+', text))
+    indices = tuple(int(index) for index in re.findall(r'\d+', text))
+    if len(set(indices)) != len(indices):
+        raise argparse.ArgumentTypeError(f'{text!r} names a block more than once')
+    return indices
 
 
 POSITIVE_INT = number_in(int, 1, what='a positive integer')
@@ -538,6 +529,8 @@ def machine_error_message(error: BaseException) -> Optional[str]:
 
 def check_output_dir(path: str) -> None:
     """Creates ``path`` if needed and proves it writable (MachineError, exit status 2, if not)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MachineError(f'--output_dir {path} is a file, not a folder', exit_status=2)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

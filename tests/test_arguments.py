@@ -48,6 +48,7 @@ def the_error_line(capsys) -> str:
     (['--aa', 'foo'], '--aa foo'), (['--device', 'foo'], "--device 'foo'"),
     (['--scale', '1', '0.5'], '--scale 1.0 0.5'), (['--ratio', '2', '1'], '--ratio 2.0 1.0'),
     (['--auto-resume'], 'give --output_dir'),
+    (['--drop_loc', '3,3'], 'names a block more than once'),
 ])
 def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
     status = cli_status([*tree_args(tmp_path / 'no-data'), *TINY_RUN, *flags])
@@ -92,6 +93,14 @@ def test_training_refuses_another_runs_checkpoint_and_auto_resume_continues(tree
     assert cli_status([*run, '--epochs', '2', '--auto-resume']) == 0
     assert 'resumed' in capsys.readouterr().out
     assert torch.load(checkpoint, weights_only=True)['epoch'] == 1  # the second epoch's
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tree, tmp_path, capsys):
+    path = tmp_path / 'a_file'
+    path.write_text('kept')
+    assert cli_status([*tree_args(tree), *TINY_RUN, *ONE_EPOCH, '--output_dir', str(path)]) == 2
+    assert the_error_line(capsys) == f'main.py: error: --output_dir {path} is a file, not a folder'
+    assert path.read_text() == 'kept'
 
 
 def test_eval_needs_weights(tree, capsys):
