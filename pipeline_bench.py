@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from datasets import DATA_SETS
 from speed_test import synchronize
 from utils import NON_NEGATIVE_INT, POSITIVE_INT
 
@@ -45,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description='Training input pipeline images/s per worker, against the per-image timm transform.',
         command='datasets.py bench', prog='python datasets.py bench')
     parser.add_argument('--data-path', required=True, help='an ImageFolder tree (train/<class>/<image>)')
-    parser.add_argument('--data-set', default='IMNET', help='IMNET, ARROW, INAT, INAT19, CIFAR or DIGITS')
+    parser.add_argument('--data-set', default='IMNET', choices=DATA_SETS)
     parser.add_argument('--input-size', type=POSITIVE_INT, default=224)
     parser.add_argument('--workers', type=NON_NEGATIVE_INT, default=1, help='loader worker processes (0: in this process)')
     parser.add_argument('--batch-size', type=POSITIVE_INT, default=DEFAULT_BATCH_SIZE)
