@@ -47,7 +47,8 @@ ROUND_SECONDS = {'cpu': 1.0, 'cuda': 0.5}
 SPEED_ROUNDS = 5
 # --roofline's batch, as the README's GPU table.
 ROOFLINE_BATCH = 256
-AMP_DTYPES = {'none': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+AMP_DTYPES = {'none': None, 'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+"""--amp's choices; 'fp32' (main.py's name) is 'none', no autocast."""
 GIB = 2 ** 30
 
 DEIT_S = 'deit_small_patch16_224'
@@ -273,6 +274,8 @@ def parse_model_spec(spec: str) -> Tuple[str, dict]:
         key, sep, value = assignment.partition('=')
         if not sep or not key:
             raise ValueError(f'model argument {assignment!r} in {spec!r} is not key=value')
+        if key in kwargs:
+            raise ValueError(f'{key} is given twice in {spec!r}')
         try:
             kwargs[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -552,7 +555,7 @@ def main(args: argparse.Namespace) -> List[dict]:
     if settings['iterations'] < 1 or settings['warmup'] < 0 or settings['repeats'] < 0:
         raise ValueError('--iterations must be at least 1, --warmup and --repeats at least 0')
     if args.suite:
-        if args.models or args.batch_size or args.compile or args.amp != 'none':
+        if args.models or args.batch_size or args.compile or AMP_DTYPES[args.amp] is not None:
             raise ValueError('--suite fixes the models, batch sizes, precision and compilation: '
                              'give none of them with it')
         return run_suite(args, device, settings)

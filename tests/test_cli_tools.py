@@ -260,12 +260,14 @@ def test_speed_test_malformed_spec_exits_2_with_one_line():
 @pytest.mark.parametrize('spec, named', [
     ('deit_tiny_patch16_224:foo=1', "unexpected keyword argument 'foo'"),
     ('deit_tiny_patch16_shrink_base:drop_loc=12', "'int' object is not iterable"),
+    ('deit_tiny_patch16_shrink_base:base_keep_rate=0.7:base_keep_rate=0.5', 'given twice'),
 ])
 def test_speed_test_a_key_the_model_refuses_is_one_line(spec, named):
     import speed_test
     args = speed_test.get_args_parser().parse_args([spec, '--input-size', '32'])
-    with pytest.raises(ValueError, match=f'^{re.escape(spec)}: .*{re.escape(named)}'):
+    with pytest.raises(ValueError, match=re.escape(named)) as error:
         speed_test.main(args)
+    assert spec in str(error.value)
 
 
 @pytest.mark.parametrize('flags, message', [
