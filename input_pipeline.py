@@ -32,8 +32,9 @@ EVAL_CROP_FRACTION = 0.875
 SMALL_INPUT_MAX = 32
 SMALL_INPUT_CROP_PADDING = 4
 
-# --train-interpolation values --gpu-augment can resize with ('random': bilinear or bicubic).
-GPU_AUGMENT_FILTERS = ('bicubic', 'bilinear', 'nearest', 'random')
+# --train-interpolation's values ('random': bilinear or bicubic): RandAugment's geometric ops
+# (PIL's affine transforms) take no other filter, and --gpu-augment resizes with each of these.
+TRAIN_INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'random')
 # The filters torch resamples as PIL does (antialiased); the others (nearest, which torch and PIL
 # round differently, lanczos, hamming, box) are left to PIL.
 TORCH_FILTERS = {InterpolationMode.BICUBIC: 'bicubic', InterpolationMode.BILINEAR: 'bilinear'}

@@ -15,7 +15,7 @@ import torch
 
 import models_mtvit
 from datasets import DATA_SETS, DatasetError, build_dataset
-from input_pipeline import (GPU_AUGMENT_FILTERS, SMALL_INPUT_MAX, build_gpu_augment, build_loader,
+from input_pipeline import (TRAIN_INTERPOLATIONS, SMALL_INPUT_MAX, build_gpu_augment, build_loader,
                             build_worker_transform)
 from engine import evaluate, keep_rate_at
 from losses import build_criterion
@@ -35,8 +35,7 @@ DEFAULT_INPUT_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
-SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'constant')
-INTERPOLATIONS = ('random', 'bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos')
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'wsd', 'constant')
 DEBUG_ENV = 'MTVIT_DEBUG'
 
 
@@ -123,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4)
     group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1')
     group.add_argument('--smoothing', type=FRACTION, default=0.1, help='label smoothing')
-    group.add_argument('--train-interpolation', default='bicubic', choices=INTERPOLATIONS)
+    group.add_argument('--train-interpolation', default='bicubic', choices=TRAIN_INTERPOLATIONS)
     group.add_argument('--gpu-augment', action='store_true',
                        help='resize the crops and run RandAugment on --device, batched: the loader '
                             'workers only decode and crop (inputs above 32 pixels, --aa rand-...)')
@@ -235,6 +234,10 @@ def check_args(args: argparse.Namespace):
     for flag, (low, high) in (('--scale', args.scale), ('--ratio', args.ratio)):
         if low > high:
             raise UsageError(f'{flag} {low} {high}: the first must not exceed the second')
+    decay_room = args.epochs - args.warmup_epochs  # timm's rsqrt and wsd decay within it
+    if args.sched in ('rsqrt', 'wsd') and not 0 < args.decay_epochs <= decay_room:
+        raise UsageError(f'--sched {args.sched} decays over --decay-epochs {args.decay_epochs:g}, '
+                         f'which must fit in --epochs minus --warmup-epochs ({decay_room})')
     if args.auto_resume and not args.output_dir:
         raise UsageError('--auto-resume resumes from --output_dir\'s checkpoint: give --output_dir')
     if args.merge_any and is_mtvit(args.model):
@@ -249,9 +252,6 @@ def check_args(args: argparse.Namespace):
     if args.gpu_augment and not args.aa.startswith('rand'):
         raise UsageError(f'--gpu-augment runs RandAugment on the device; --aa {args.aa} is not '
                          f'a RandAugment policy (rand-...)')
-    if args.gpu_augment and args.train_interpolation not in GPU_AUGMENT_FILTERS:
-        raise UsageError(f'--gpu-augment resizes with {", ".join(GPU_AUGMENT_FILTERS)}, not '
-                         f'--train-interpolation {args.train_interpolation}')
 
 
 def reconcile_with_checkpoint(args: argparse.Namespace, state_dict: Optional[dict], path: str,

@@ -49,6 +49,8 @@ def the_error_line(capsys) -> str:
     (['--scale', '1', '0.5'], '--scale 1.0 0.5'), (['--ratio', '2', '1'], '--ratio 2.0 1.0'),
     (['--auto-resume'], 'give --output_dir'),
     (['--drop_loc', '3,3'], 'names a block more than once'),
+    (['--train-interpolation', 'lanczos'], '--train-interpolation'),
+    (['--sched', 'rsqrt', '--epochs', '2'], '--sched rsqrt decays over --decay-epochs 30'),
 ])
 def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
     status = cli_status([*tree_args(tmp_path / 'no-data'), *TINY_RUN, *flags])
@@ -59,6 +61,7 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
 @pytest.mark.parametrize('flags', [
     ['--opt', 'sgd'], ['--opt', 'lookahead_adamw'], ['--sched', 'step'], ['--aa', 'none'],
     ['--aa', 'original'], ['--train-interpolation', 'random'], ['--clip-grad', '1'],
+    ['--sched', 'wsd', '--epochs', '4', '--warmup-epochs', '0', '--decay-epochs', '2'],
 ])
 def test_valid_names_and_numbers_pass_the_checks(flags):
     args = main.get_args_parser().parse_args([*TINY_RUN, *flags])
