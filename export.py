@@ -247,9 +247,7 @@ def main(args: argparse.Namespace) -> dict:
     """Exports, checks and measures; returns the figures printed."""
     _check_output(args.output)
     checkpoint = load_checkpoint(args.resume)
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'{args.resume} holds no model weights')
-    weights = model_state_dict(checkpoint, args.resume)
+    weights = model_state_dict(checkpoint, args.resume)  # refuses what is not a checkpoint
     saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
     config = resolve_config(args, saved, weights)
     model = build_model(config, weights, args.resume)

@@ -175,16 +175,24 @@ def detect_launch(dist_url: str = ENV_RENDEZVOUS,
                   local_rank=env_int('SLURM_LOCALID'), init_method=_slurm_rendezvous(dist_url))
 
 
+def parse_device(name: str) -> torch.device:
+    """``--device``'s value (cuda, cuda:N, cpu, ...) as a torch.device; a ValueError naming the
+    flag for anything else."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a device name (cuda, cuda:N, cpu)') from None
+
+
 def launch_device(device: str, launch: Launch) -> Tuple[torch.device, int]:
     """The device and local rank of a launched process: ``cuda:<local rank>`` for a CUDA
     ``device``, else ``device`` itself. A device this process cannot use is a LaunchError
     naming it (exit status 1), never a fallback to the CPU.
     """
     try:
-        requested = torch.device(device)
-    except RuntimeError:
-        raise LaunchError(f'--device {device!r} is not a device name (cuda, cuda:N, cpu)',
-                          exit_status=2) from None
+        requested = parse_device(device)
+    except ValueError as error:
+        raise LaunchError(str(error), exit_status=2) from None
     local_rank = launch.local_rank
     if requested.type != 'cuda':
         return requested, 0 if local_rank is None else local_rank

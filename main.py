@@ -18,6 +18,7 @@ from datasets import DATA_SETS, DatasetError, build_dataset
 from input_pipeline import (TRAIN_INTERPOLATIONS, SMALL_INPUT_MAX, build_gpu_augment, build_loader,
                             build_worker_transform)
 from engine import evaluate, keep_rate_at
+from launch_env import parse_device
 from losses import build_criterion
 from samplers import SeededDataset, SeededSampler, ShardSampler, build_train_sampler
 from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_weights,
@@ -220,10 +221,9 @@ def check_args(args: argparse.Namespace):
     if args.visualize_mask and not is_mtvit(args.model):
         raise UsageError(f'--visualize_mask needs an MTViT --model, not {args.model}')
     try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f'--device {args.device!r} is not a device name '
-                         f'(cuda, cuda:N, cpu)') from None
+        parse_device(args.device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
         raise UsageError(f'--opt {args.opt}: not one of timm\'s optimizers (adamw, sgd, lamb, ...)')
     if args.aa not in ('', 'none'):

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from launch_env import parse_device
 from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline
 from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast
 
@@ -533,11 +534,7 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
 
 def main(args: argparse.Namespace) -> List[dict]:
     """Runs the comparison (or the suite); returns its records, as ``--json`` writes them."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f'--device {args.device!r} is not a device name '
-                         f'(cuda, cuda:N, cpu)') from None
+    device = parse_device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'--device {args.device}: CUDA is not available here')
     folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
