@@ -1,6 +1,7 @@
 """Checkpoints: crash-safe writing, loading without executing code, and mapping weights
 between models (resume, evaluation, finetuning from DeiT/timm or MTViT weights)."""
 import argparse
+import contextlib
 import math
 import os
 import pickle
@@ -8,7 +9,7 @@ import re
 import shutil
 import uuid
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -50,45 +51,60 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """Write ``obj`` with torch.save so that ``path`` is never left half-written.
+@contextlib.contextmanager
+def replacing(path: Union[str, os.PathLike]) -> Iterator[str]:
+    """Yields a temporary path beside ``path`` to write a new version of the file to.
 
-    Only the main process writes. The data goes to a temporary file in the same
-    directory, is flushed and fsynced, then renamed over ``path`` (atomic on POSIX and
-    Windows), and the directory is fsynced so the rename survives a power loss. Until the
-    rename, any previous file at ``path`` stays intact; on any exception the temporary
-    file is removed and the exception re-raised (a full disk as a MachineError saying so).
+    When the block ends normally the temporary is renamed over ``path`` (atomic on POSIX and
+    Windows) and the directory fsynced so that the rename survives a power loss; then the
+    temporaries of ``path`` left by writers killed mid-write are removed. When the block
+    raises, its temporary is removed and ``path`` is as it was. Used for every file the
+    project writes that a later run reads: checkpoints, exported models, packed datasets.
     """
-    if not is_main_process():
-        return
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = os.path.join(directory,
                             f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException as error:
-        try:
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        if is_disk_full(error):
-            kept = ('the previous checkpoint there is intact' if os.path.exists(path)
-                    else 'nothing was saved')
-            raise MachineError(
-                f'no space left on device writing {path} (about '
-                f'{_tensor_bytes(obj) / BYTES_PER_MB:.0f} MB needed, '
-                f'{shutil.disk_usage(directory).free / BYTES_PER_MB:.0f} MB free); {kept}') from None
         raise
     _fsync_directory(directory)
     _remove_stale_temporaries(directory, os.path.basename(path))
+
+
+def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """Write ``obj`` with torch.save so that ``path`` is never left half-written.
+
+    Only the main process writes. The data goes to a temporary file in the same directory
+    and is flushed and fsynced before ``replacing`` renames it over ``path``: until then any
+    previous file at ``path`` stays intact. A full disk is a MachineError saying so.
+    """
+    if not is_main_process():
+        return
+    path = os.fspath(path)
+    try:
+        with replacing(path) as tmp_path:
+            # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_BINARY", 0), 0o666)
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException as error:
+        if not is_disk_full(error):
+            raise
+        directory = os.path.dirname(os.path.abspath(path))
+        kept = ('the previous checkpoint there is intact' if os.path.exists(path)
+                else 'nothing was saved')
+        raise MachineError(
+            f'no space left on device writing {path} (about '
+            f'{_tensor_bytes(obj) / BYTES_PER_MB:.0f} MB needed, '
+            f'{shutil.disk_usage(directory).free / BYTES_PER_MB:.0f} MB free); {kept}') from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -102,10 +118,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Delete temporary files of ``name`` left by writers killed mid-save.
+    """Delete temporary files of ``name`` left by writers killed mid-write.
 
-    A SIGKILL or power cut during ``save_checkpoint_atomic`` leaves the checkpoint intact but
-    its half-written temporary behind, a checkpoint's worth of disk each time. After a
+    A SIGKILL or power cut inside ``replacing`` leaves the file intact but its half-written
+    temporary behind, a checkpoint's worth of disk each time. After a
     successful save, temporaries whose writer (the pid in their name) is no longer running on
     this host are removed, and so are this pid's own (a pid reused after a restart: this
     process saves synchronously, so none of its own is in progress). Skipped on Windows,

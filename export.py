@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 import models_mtvit
-from checkpoints import CheckpointError, load_checkpoint, load_weights, model_state_dict
+from checkpoints import (CheckpointError, load_checkpoint, load_weights, model_state_dict,
+                         replacing)
 from datasets import DATA_SETS, DatasetError
 from main import (UsageError, check_model_config, create_model, is_mtvit,
                   reconcile_with_checkpoint)
@@ -84,18 +85,12 @@ def export_onnx(model: nn.Module, path: str, input_size: int, in_chans: int = 3,
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
                       type(error).__name__)
         raise ExportError(f'{type(error).__name__}: {reason}') from None
-    # Saved beside ``path`` and renamed over it: a failed save leaves an earlier file whole.
-    partial = os.path.join(os.path.dirname(os.path.abspath(path)),
-                           f'.{os.path.basename(path)}.{os.getpid()}.partial')
     try:
-        program.save(partial)
-        os.replace(partial, path)
+        with replacing(path) as tmp_path:
+            program.save(tmp_path)
     except OSError as error:
         message = f'{error.strerror or error}; {path} is as it was'
         raise OSError(error.errno, message, path) from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def ort_session(path: str, threads: int):

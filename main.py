@@ -109,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--lr', type=POSITIVE, default=5e-4,
                        help=f'for a total batch of {LR_REFERENCE_BATCH}; scaled linearly')
     group.add_argument('--lr-noise', type=float, nargs='+', default=None)
-    group.add_argument('--lr-noise-pct', type=float, default=0.67)
+    group.add_argument('--lr-noise-pct', type=NON_NEGATIVE, default=0.67)
     group.add_argument('--lr-noise-std', type=NON_NEGATIVE, default=1.0)
     group.add_argument('--warmup-lr', type=NON_NEGATIVE, default=1e-6)
     group.add_argument('--min-lr', type=NON_NEGATIVE, default=1e-5)

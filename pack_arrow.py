@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from checkpoints import replacing
 from datasets import (ARROW_CLASSES_KEY, ARROW_FORMAT_KEY, ARROW_FORMAT_VERSION, DatasetError,
                       check_split_dir, export_digits_imagefolder, open_image_folder)
 
@@ -33,7 +34,6 @@ def _pack_split(split_dir, dst_path, rows_per_batch, progress):
 
     folder = open_image_folder(os.path.dirname(split_dir), os.path.basename(split_dir))
     schema = _arrow_schema(folder.classes)
-    partial_path = dst_path + '.partial'
     columns = {'image': [], 'label': [], 'path': []}
     pending_bytes = 0
 
@@ -46,8 +46,8 @@ def _pack_split(split_dir, dst_path, rows_per_batch, progress):
 
     # Written under a temporary name and renamed at the end, so an interrupted pack never
     # leaves a truncated file that looks complete.
-    try:
-        with pa.OSFile(partial_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
+    with replacing(dst_path) as tmp_path:
+        with pa.OSFile(tmp_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
             for count, (path, label) in enumerate(folder.samples, start=1):
                 try:
                     with open(path, 'rb') as handle:
@@ -65,11 +65,6 @@ def _pack_split(split_dir, dst_path, rows_per_batch, progress):
                     progress(f'{split_dir}: packed {count}/{len(folder.samples)} images')
             if columns['label']:
                 flush(writer)
-    except BaseException:
-        if os.path.exists(partial_path):
-            os.remove(partial_path)
-        raise
-    os.replace(partial_path, dst_path)
     return len(folder.samples)
 
 

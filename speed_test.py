@@ -354,27 +354,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build_models(specs: Sequence[str], args, device: torch.device) -> Dict[str, nn.Module]:
+def _create_model(spec: str, num_classes: int, input_size: int) -> nn.Module:
+    """The timm model of ``spec`` (``name:key=value:...``) for ``input_size`` images."""
     import timm
     import models_mtvit  # noqa: F401  registers the MTViT models with timm
-    models = {}
-    for spec in specs:
-        name, kwargs = parse_model_spec(spec)
+    name, kwargs = parse_model_spec(spec)
+    # A CNN takes no img_size (any input size fits it): it is built without one.
+    for size in ({'img_size': input_size}, {}):
         torch.manual_seed(0)
         try:
-            try:
-                model = timm.create_model(name, num_classes=args.num_classes,
-                                          img_size=args.input_size, **kwargs)
-            except TypeError as error:  # a CNN takes no img_size: any input size fits it
-                if "'img_size'" not in str(error):
-                    raise
-                model = timm.create_model(name, num_classes=args.num_classes, **kwargs)
+            return timm.create_model(name, num_classes=num_classes, **size, **kwargs)
         except TypeError as error:  # a key the model does not take, or a value of another type
-            raise ValueError(f'{spec}: {error}') from None
-        model = model.to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        models[spec] = model
+            if not (size and "'img_size'" in str(error)):
+                raise ValueError(f'{spec}: {error}') from None
+
+
+def _build_models(specs: Sequence[str], num_classes: int, input_size: int, channels_last: bool,
+                  device: torch.device) -> Dict[str, nn.Module]:
+    models = {}
+    for spec in specs:
+        model = _create_model(spec, num_classes, input_size).to(device)
+        models[spec] = model.to(memory_format=torch.channels_last) if channels_last else model
     return models
 
 
@@ -518,7 +518,8 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
         compiled = part != 'eager'
         args.amp = amp
         specs = SUITE_MODELS if not compiled else SUITE_MODELS[:3]
-        models = _build_models(specs, args, device)
+        models = _build_models(specs, args.num_classes, args.input_size,
+                               args.channels_last, device)
         if compiled:
             models = compile_models(models, args)
         for batch_size in batch_sizes:
@@ -558,7 +559,8 @@ def main(args: argparse.Namespace) -> List[dict]:
         return run_suite(args, device, settings)
     if not args.models:
         raise ValueError('name at least one model, or --suite gpu')
-    models = _build_models(args.models, args, device)
+    models = _build_models(args.models, args.num_classes, args.input_size,
+                           args.channels_last, device)
     if args.flops:
         for spec, model in models.items():
             report_flops(model, args.input_size, device, label=f'{spec}: ')

@@ -211,7 +211,7 @@ def test_a_failed_save_leaves_the_earlier_file_whole(timm_checkpoint, timm_onnx,
     assert err == (f'export.py: error: No space left on device; {output} is as it was '
                    f'({output})\n')
     assert output.read_bytes() == before
-    assert not [name for name in os.listdir(tmp_path) if name.endswith('.partial')]
+    assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
 
 
 @pytest.mark.parametrize('flags, named', [

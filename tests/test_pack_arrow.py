@@ -162,9 +162,13 @@ def test_cli_earlier_spelling_through_datasets_py(tmp_path):
 
 def test_pack_unreadable_file_leaves_no_partial_output(tmp_path):
     source = write_mixed_tree(tmp_path / 'tree')
+    packed = tmp_path / 'packed'
+    pack_arrow.pack_imagefolder(str(source), str(packed))
+    before = (packed / 'train.arrow').read_bytes()
     dangling = source / 'train' / 'dog' / 'zz_missing.jpg'
     dangling.symlink_to(tmp_path / 'nothing-here.jpg')
     with pytest.raises(DatasetError) as excinfo:
-        pack_arrow.pack_imagefolder(str(source), str(tmp_path / 'packed'))
+        pack_arrow.pack_imagefolder(str(source), str(packed))
     assert str(dangling) in str(excinfo.value)
-    assert os.listdir(tmp_path / 'packed') == []
+    assert sorted(os.listdir(packed)) == ['train.arrow', 'val.arrow']
+    assert (packed / 'train.arrow').read_bytes() == before

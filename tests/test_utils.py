@@ -379,3 +379,21 @@ def test_check_finite():
     assert str(info.value) == "loss is nan at epoch 3 iteration 17, stopping training"
     with pytest.raises(utils.NonFiniteLossError, match="loss is inf at epoch 1 iteration 2"):
         utils.check_finite(torch.tensor(float("inf")), epoch=1, iteration=2)
+
+
+def test_replacing_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / 'model.onnx'
+    target.write_bytes(b'old')
+    stale = tmp_path / '.model.onnx.999999999.0123456789abcdef0123456789abcdef.tmp'
+    stale.write_bytes(b'left by a killed writer')
+    with pytest.raises(OSError, match='disk full'):
+        with checkpoints.replacing(target) as tmp:
+            Path(tmp).write_bytes(b'half')
+            raise OSError('disk full')
+    assert target.read_bytes() == b'old'
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, stale.name])
+    with checkpoints.replacing(target) as tmp:
+        assert Path(tmp).parent == tmp_path
+        Path(tmp).write_bytes(b'new')
+    assert target.read_bytes() == b'new'
+    assert os.listdir(tmp_path) == [target.name]  # the dead pid's temporary went too
