@@ -26,6 +26,15 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or unsafe to load."""
 
 
+def _fsync_file(path: str) -> None:
+    """Make a written file's data durable before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_directory(directory: str) -> None:
     """Persist a rename; some platforms (Windows) cannot open directories, which is fine."""
     try:
@@ -53,48 +62,52 @@ def _tensor_bytes(obj: Any) -> int:
 
 @contextlib.contextmanager
 def replacing(path: Union[str, os.PathLike]) -> Iterator[str]:
-    """Yields a temporary path beside ``path`` to write a new version of the file to.
+    """Yields where to write a new version of the file ``path``: the same name in a private
+    staging folder beside it (``.<name>.<pid>.<hex>.tmp``), so that files a writer adds next to
+    it (an ONNX model's ``<name>.data`` weights) are staged and renamed with it.
 
-    When the block ends normally the temporary is renamed over ``path`` (atomic on POSIX and
-    Windows) and the directory fsynced so that the rename survives a power loss; then the
-    temporaries of ``path`` left by writers killed mid-write are removed. When the block
-    raises, its temporary is removed and ``path`` is as it was. Used for every file the
-    project writes that a later run reads: checkpoints, exported models, packed datasets.
+    When the block ends normally, every file written there is fsynced and renamed into
+    ``path``'s folder, ``path`` last (each rename atomic on POSIX), and the folder is fsynced
+    so that the renames survive a power loss. When it raises, the staging folder is removed
+    and ``path`` is as it was; an OSError of the staged files or of the renames is re-raised
+    naming ``path`` and saying so. Used for every file a later run reads: checkpoints, exported
+    models, packed datasets. Staging folders of ``path`` left by killed writers are removed
+    first (``_remove_stale_temporaries``), so that their space is free for this one.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory,
-                            f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    directory, name = os.path.split(os.path.abspath(path))
+    _remove_stale_temporaries(directory, name)
+    staging = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
+        os.mkdir(staging)
+        yield os.path.join(staging, name)
+        written = sorted(os.listdir(staging), key=lambda entry: entry == name)
+        for entry in written:
+            _fsync_file(os.path.join(staging, entry))
+        for entry in written:
+            os.replace(os.path.join(staging, entry), os.path.join(directory, entry))
+    except OSError as error:
+        if error.filename is not None and not str(error.filename).startswith(staging):
+            raise  # names a file of its own (another split's, an input)
+        raise OSError(error.errno, f"{error.strerror or error}; {path} is as it was",
+                      path) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     _fsync_directory(directory)
-    _remove_stale_temporaries(directory, os.path.basename(path))
 
 
 def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
     """Write ``obj`` with torch.save so that ``path`` is never left half-written.
 
-    Only the main process writes. The data goes to a temporary file in the same directory
-    and is flushed and fsynced before ``replacing`` renames it over ``path``: until then any
-    previous file at ``path`` stays intact. A full disk is a MachineError saying so.
+    Only the main process writes, through ``replacing``: until the new file is complete and
+    fsynced any previous file at ``path`` stays intact. A full disk is a MachineError saying so.
     """
     if not is_main_process():
         return
     path = os.fspath(path)
     try:
-        with replacing(path) as tmp_path:
-            # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_BINARY", 0), 0o666)
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(obj, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+        with replacing(path) as staged, open(staged, "wb") as handle:
+            torch.save(obj, handle)
     except BaseException as error:
         if not is_disk_full(error):
             raise
@@ -114,18 +127,20 @@ def _pid_alive(pid: int) -> bool:
         return False
     except OSError:  # PermissionError: alive, owned by someone else
         return True
+    except OverflowError:  # not a pid this system can have: no writer of ours
+        return False
     return True
 
 
 def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Delete temporary files of ``name`` left by writers killed mid-write.
+    """Delete the temporaries of ``name`` left by writers killed mid-write.
 
     A SIGKILL or power cut inside ``replacing`` leaves the file intact but its half-written
-    temporary behind, a checkpoint's worth of disk each time. After a
-    successful save, temporaries whose writer (the pid in their name) is no longer running on
-    this host are removed, and so are this pid's own (a pid reused after a restart: this
-    process saves synchronously, so none of its own is in progress). Skipped on Windows,
-    where probing a pid with os.kill would terminate it.
+    staging folder behind (a plain file, in earlier versions), a checkpoint's worth of disk
+    each time. Those whose writer (the pid in their name) is no longer running on this host
+    are removed, and so are this pid's own (a pid reused after a restart: each writer of a
+    file is synchronous, so none of its own is in progress). Skipped on Windows, where
+    probing a pid with os.kill would terminate it.
     """
     if os.name == "nt":
         return
@@ -141,10 +156,12 @@ def _remove_stale_temporaries(directory: str, name: str) -> None:
         pid = int(match.group(1))
         if pid != os.getpid() and _pid_alive(pid):
             continue
-        try:
-            os.remove(os.path.join(directory, entry))
-        except OSError:
-            pass
+        stale = os.path.join(directory, entry)
+        if os.path.isdir(stale) and not os.path.islink(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(stale)
 
 
 def namespace_to_dict(namespace: argparse.Namespace) -> Dict[str, Any]:

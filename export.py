@@ -26,8 +26,8 @@ from datasets import DATA_SETS, DatasetError
 from main import (UsageError, check_model_config, create_model, is_mtvit,
                   reconcile_with_checkpoint)
 from main import get_args_parser as main_args_parser
-from utils import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, OneLineErrorParser,
-                   machine_error_message, parse_drop_loc)
+from utils import (BYTES_PER_MB, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT,
+                   OneLineErrorParser, machine_error_message, parse_drop_loc)
 
 OPSET = 18  # ScatterElements with reduction='add' (the mergence) needs 16 or later
 CHECK_SEED = 0
@@ -69,10 +69,11 @@ def _stable_sort_to_onnx(self, *, dim: int = -1, descending: bool = False, stabl
 def export_onnx(model: nn.Module, path: str, input_size: int, in_chans: int = 3,
                 opset: int = OPSET) -> None:
     """Writes ``model`` (images (B, C, S, S) -> logits (B, classes), eval mode, on the CPU) to
-    ``path`` as ONNX with a dynamic batch dimension.
+    ``path`` as ONNX with a dynamic batch dimension; weights over 2 GB go to ``path.data``.
 
     Raises:
         ExportError: the exporter could not translate the model (first line of its reason).
+        OSError: the file could not be written; an earlier file at ``path`` is as it was.
     """
     example = torch.randn(BLANK_BATCH, in_chans, input_size, input_size)
     try:
@@ -85,12 +86,8 @@ def export_onnx(model: nn.Module, path: str, input_size: int, in_chans: int = 3,
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
                       type(error).__name__)
         raise ExportError(f'{type(error).__name__}: {reason}') from None
-    try:
-        with replacing(path) as tmp_path:
-            program.save(tmp_path)
-    except OSError as error:
-        message = f'{error.strerror or error}; {path} is as it was'
-        raise OSError(error.errno, message, path) from None
+    with replacing(path) as staged:
+        program.save(staged)
 
 
 def ort_session(path: str, threads: int):
@@ -256,7 +253,7 @@ def main(args: argparse.Namespace) -> dict:
     shape = (f'multi_scale={config.multi_scale} ' if is_mtvit(config.model) else '')
     print(f'exported {config.model} ({shape}keep rate {config.base_keep_rate} at blocks '
           f'{config.drop_loc}, input {config.input_size}) to {args.output} '
-          f'({os.path.getsize(args.output) / 2 ** 20:.1f} MB), dynamic batch, opset {OPSET}')
+          f'({os.path.getsize(args.output) / BYTES_PER_MB:.1f} MB), dynamic batch, opset {OPSET}')
 
     session = ort_session(args.output, torch.get_num_threads())
     report = {'random': check_random(session, fixed, config.input_size, args.check_batch_sizes)}

@@ -6,6 +6,7 @@ ARROW``) memory-maps; ``python pack_arrow.py export-digits --dst DIR`` writes th
 split as an ImageFolder tree. ``python datasets.py ...`` runs the same command line.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -44,27 +45,24 @@ def _pack_split(split_dir, dst_path, rows_per_batch, progress):
         for values in columns.values():
             values.clear()
 
-    # Written under a temporary name and renamed at the end, so an interrupted pack never
-    # leaves a truncated file that looks complete.
-    with replacing(dst_path) as tmp_path:
-        with pa.OSFile(tmp_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
-            for count, (path, label) in enumerate(folder.samples, start=1):
-                try:
-                    with open(path, 'rb') as handle:
-                        encoded = handle.read()
-                except OSError as exc:
-                    raise DatasetError(f'cannot read image {path}: {exc.strerror or exc}') from exc
-                columns['image'].append(encoded)
-                columns['label'].append(label)
-                columns['path'].append(os.path.relpath(path, split_dir))
-                pending_bytes += len(encoded)
-                if len(columns['label']) >= rows_per_batch or pending_bytes >= MAX_BATCH_BYTES:
-                    flush(writer)
-                    pending_bytes = 0
-                if progress is not None and count % PACK_PROGRESS_EVERY == 0:
-                    progress(f'{split_dir}: packed {count}/{len(folder.samples)} images')
-            if columns['label']:
+    with pa.OSFile(dst_path, 'wb') as sink, pa.ipc.new_file(sink, schema) as writer:
+        for count, (path, label) in enumerate(folder.samples, start=1):
+            try:
+                with open(path, 'rb') as handle:
+                    encoded = handle.read()
+            except OSError as exc:
+                raise DatasetError(f'cannot read image {path}: {exc.strerror or exc}') from exc
+            columns['image'].append(encoded)
+            columns['label'].append(label)
+            columns['path'].append(os.path.relpath(path, split_dir))
+            pending_bytes += len(encoded)
+            if len(columns['label']) >= rows_per_batch or pending_bytes >= MAX_BATCH_BYTES:
                 flush(writer)
+                pending_bytes = 0
+            if progress is not None and count % PACK_PROGRESS_EVERY == 0:
+                progress(f'{split_dir}: packed {count}/{len(folder.samples)} images')
+        if columns['label']:
+            flush(writer)
     return len(folder.samples)
 
 
@@ -76,15 +74,20 @@ def pack_imagefolder(src_root, dst_root, rows_per_batch=DEFAULT_ROWS_PER_BATCH, 
     index) and ``path`` (path relative to the split folder, for error messages); the class names
     are JSON in the schema metadata. Rows keep ImageFolder's order and are written in record
     batches of at most ``rows_per_batch`` rows (or ``MAX_BATCH_BYTES``), so memory stays bounded.
-    Every split is validated before anything is written. ``progress``, if given, is called with
-    a status line every ``PACK_PROGRESS_EVERY`` images. Returns ``{split: image count}``.
+    Every split is validated before anything is written, and the new files replace earlier ones
+    only once every split is packed. ``progress``, if given, is called with a status line every
+    ``PACK_PROGRESS_EVERY`` images. Returns ``{split: image count}``.
     """
     if rows_per_batch < 1:
         raise DatasetError(f'rows_per_batch must be at least 1, got {rows_per_batch}')
     split_dirs = {split: check_split_dir(src_root, split) for split in splits}
     os.makedirs(dst_root, exist_ok=True)
-    return {split: _pack_split(split_dir, os.path.join(dst_root, f'{split}.arrow'), rows_per_batch, progress)
-            for split, split_dir in split_dirs.items()}
+    # Every split is staged before any replaces its earlier file: a failure leaves the earlier
+    # pair, not a new train.arrow beside an old val.arrow.
+    with contextlib.ExitStack() as staging:
+        return {split: _pack_split(split_dir, staging.enter_context(
+                    replacing(os.path.join(dst_root, f'{split}.arrow'))), rows_per_batch, progress)
+                for split, split_dir in split_dirs.items()}
 
 
 def _parse_command_line(argv):

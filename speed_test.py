@@ -267,6 +267,9 @@ def report_throughput(model: nn.Module, input_size: int, device: torch.device, l
     return median
 
 
+SET_BY_FLAGS = {'img_size': '--input-size', 'num_classes': '--num-classes'}  # for every model
+
+
 def parse_model_spec(spec: str) -> Tuple[str, dict]:
     """``name[:key=value...]`` with JSON values -> (name, kwargs). Never evaluates code."""
     name, *assignments = spec.split(':')
@@ -277,6 +280,8 @@ def parse_model_spec(spec: str) -> Tuple[str, dict]:
             raise ValueError(f'model argument {assignment!r} in {spec!r} is not key=value')
         if key in kwargs:
             raise ValueError(f'{key} is given twice in {spec!r}')
+        if key in SET_BY_FLAGS:
+            raise ValueError(f'{key} in {spec!r}: give {SET_BY_FLAGS[key]} instead')
         try:
             kwargs[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -312,8 +317,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('models', nargs='*', help='name[:key=value...]; ratios are to the first')
     parser.add_argument('--suite', choices=tuple(SUITES), default=None,
                         help='gpu: DeiT-S and the MTViT-S variants over the README\'s GPU table '
-                             '(eager and compiled, latency, memory, compile time); gpu-eager '
-                             'and gpu-compiled: its two halves')
+                             '(eager and compiled, latency, memory, compile time); gpu-eager, '
+                             'gpu-compiled: its halves; gpu-compiled-inference, -train: the latter\'s')
     parser.add_argument('--mode', choices=('inference', 'train', 'both'), default='inference')
     parser.add_argument('--amp', choices=tuple(AMP_DTYPES), default='none',
                         help='autocast dtype (default none: float32)')
@@ -371,11 +376,9 @@ def _create_model(spec: str, num_classes: int, input_size: int) -> nn.Module:
 
 def _build_models(specs: Sequence[str], num_classes: int, input_size: int, channels_last: bool,
                   device: torch.device) -> Dict[str, nn.Module]:
-    models = {}
-    for spec in specs:
-        model = _create_model(spec, num_classes, input_size).to(device)
-        models[spec] = model.to(memory_format=torch.channels_last) if channels_last else model
-    return models
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {spec: _create_model(spec, num_classes, input_size).to(device, memory_format=layout)
+            for spec in specs}
 
 
 def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,

@@ -384,16 +384,39 @@ def test_check_finite():
 def test_replacing_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / 'model.onnx'
     target.write_bytes(b'old')
-    stale = tmp_path / '.model.onnx.999999999.0123456789abcdef0123456789abcdef.tmp'
-    stale.write_bytes(b'left by a killed writer')
-    with pytest.raises(OSError, match='disk full'):
-        with checkpoints.replacing(target) as tmp:
-            Path(tmp).write_bytes(b'half')
-            raise OSError('disk full')
+    hexes = '0123456789abcdef' * 2
+    stale_file = tmp_path / f'.model.onnx.999999999.{hexes}.tmp'  # an earlier version's
+    stale_file.write_bytes(b'left by a killed writer')
+    stale_folder = tmp_path / f'.model.onnx.{2 ** 70}.{hexes}.tmp'  # no system's pid
+    stale_folder.mkdir()
+    (stale_folder / 'model.onnx').write_bytes(b'half')
+    other = tmp_path / f'.other.onnx.999999999.{hexes}.tmp'  # another file's: not touched
+    other.write_bytes(b'')
+    with pytest.raises(OSError) as failure:
+        with checkpoints.replacing(target) as staged:
+            assert os.path.basename(staged) == 'model.onnx' and os.path.dirname(staged) != str(tmp_path)
+            Path(staged).write_bytes(b'half')
+            raise OSError(28, 'No space left on device', staged)
+    assert (failure.value.filename, failure.value.strerror) == (
+        str(target), f'No space left on device; {target} is as it was')
     assert target.read_bytes() == b'old'
-    assert sorted(os.listdir(tmp_path)) == sorted([target.name, stale.name])
-    with checkpoints.replacing(target) as tmp:
-        assert Path(tmp).parent == tmp_path
-        Path(tmp).write_bytes(b'new')
-    assert target.read_bytes() == b'new'
-    assert os.listdir(tmp_path) == [target.name]  # the dead pid's temporary went too
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, other.name])
+    with checkpoints.replacing(target) as staged:
+        Path(staged).write_bytes(b'new')
+        Path(staged + '.data').write_bytes(b'weights')  # written beside it: renamed with it
+    assert (target.read_bytes(), (tmp_path / 'model.onnx.data').read_bytes()) == (b'new', b'weights')
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, 'model.onnx.data', other.name])
+
+
+def test_replacing_lets_other_errors_through_and_names_a_missing_folder(tmp_path):
+    target = tmp_path / 'data.arrow'
+    with pytest.raises(KeyError):
+        with checkpoints.replacing(target) as staged:
+            Path(staged).write_bytes(b'x')
+            raise KeyError('not a file error')
+    assert os.listdir(tmp_path) == []
+    missing = tmp_path / 'missing' / 'data.arrow'
+    with pytest.raises(OSError) as failure:
+        with checkpoints.replacing(missing):
+            pass
+    assert failure.value.filename == str(missing) and 'is as it was' in failure.value.strerror
