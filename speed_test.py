@@ -519,14 +519,14 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
         if part not in parts:
             continue
         compiled = part != 'eager'
-        args.amp = amp
+        part_args = argparse.Namespace(**{**vars(args), 'amp': amp})  # the caller's as given
         specs = SUITE_MODELS if not compiled else SUITE_MODELS[:3]
         models = _build_models(specs, args.num_classes, args.input_size,
                                args.channels_last, device)
         if compiled:
             models = compile_models(models, args)
         for batch_size in batch_sizes:
-            rows = compare(models, mode, batch_size, args, device, settings, compiled)
+            rows = compare(models, mode, batch_size, part_args, device, settings, compiled)
             print_records(rows, device)
             records += rows
             _write_json(args.json, device, records)
