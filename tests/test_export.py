@@ -236,3 +236,18 @@ def test_a_bad_data_path_is_refused_before_the_export(tmp_path, timm_checkpoint,
                            'IMNET', '--data-path', str(tmp_path / 'missing')], capsys)
     assert status == 2 and 'does not exist' in err and err.count('\n') == 1
     assert not output.exists()
+
+
+def test_weights_saved_beside_the_model_keep_their_name(timm_checkpoint, monkeypatch, capsys):
+    # Over 2 GB the exporter writes the weights to '<name>.data', which the model names: they
+    # must land beside it under that name, not the staging folder's.
+    path, model, tmp_path = timm_checkpoint
+    output = tmp_path / 'external' / 'model.onnx'
+    output.parent.mkdir()
+    save = torch.onnx.ONNXProgram.save
+    monkeypatch.setattr(torch.onnx.ONNXProgram, 'save',
+                        lambda self, destination, **_: save(self, destination, external_data=True))
+    status, _, err = _run(['--resume', path, '--output', str(output), '--no-speed'], capsys)
+    assert status == 0, err
+    assert sorted(os.listdir(output.parent)) == ['model.onnx', 'model.onnx.data']
+    _check_onnx_file(str(output), model, keep_rate=0.5)
