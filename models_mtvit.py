@@ -22,8 +22,8 @@ from fused_norms import add_and_norm, norm_for_matmul
 from matmul_ops import (bilinear_resize_matrix, embed_patches_as_matmul, to_autocast_dtype,
                         uses_cuda_forms)
 from multi_scale import MULTI_SCALE_BLOCKS, POOL, ScaleFusion, run_per_stream, run_two_scales
-from token_merging import (Reduction, apply_mergence, class_attention, keep_count, keep_counts,
-                           merge_tokens, per_block, reduce_through, split_heads)
+from token_merging import (Reduction, apply_mergence, class_attention, is_scalar, keep_count,
+                           keep_counts, merge_tokens, per_block, reduce_through, split_heads)
 
 __all__ = ['MTViT', 'apply_mergence', 'merge_tokens', 'MTVIT_MODELS']
 
@@ -349,7 +349,7 @@ class MTViT(nn.Module):
         first = 0
         if self.multi_scale:
             first = MULTI_SCALE_BLOCKS
-            if not isinstance(tokens, int) and any(t is not None for t in token_counts[:first]):
+            if not is_scalar(tokens) and any(t is not None for t in token_counts[:first]):
                 raise ValueError(f'tokens cannot be set for the first {first} blocks: they run on '
                                  f'both scales and never reduce')
             x = self._multi_scale_front(x)
@@ -367,10 +367,11 @@ class MTViT(nn.Module):
 
         Args:
             x: (B, 3, H, W) at the model's ``img_size``.
-            keep_rate: rate in force at every reducing block (a float) or per block (a sequence
-                of ``depth`` floats); None uses the configured rates. 1 means no reduction.
-            tokens: patch tokens to keep, for every block (an int) or per block (a sequence with
-                None where not given); overrides the rates where given.
+            keep_rate: rate in force at every reducing block (a number: Python, NumPy or a 0-d
+                tensor) or per block (a sequence of ``depth`` floats); None uses the configured
+                rates. 1 means no reduction.
+            tokens: patch tokens to keep, for every block (a number, as ``keep_rate``) or per
+                block (a sequence with None where not given); overrides the rates where given.
             get_idx: also return the reductions made, for visualisation.
         Returns:
             logits (B, num_classes); with ``get_idx`` also a list with one

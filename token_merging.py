@@ -23,17 +23,25 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from matmul_ops import to_autocast_dtype, uses_cpu_forms
 
-__all__ = ['apply_mergence', 'class_attention', 'keep_count', 'keep_counts', 'merge_tokens',
-           'per_block', 'reduce_through', 'split_heads', 'MergingBlock',
+__all__ = ['apply_mergence', 'class_attention', 'is_scalar', 'keep_count', 'keep_counts',
+           'merge_tokens', 'per_block', 'reduce_through', 'split_heads', 'MergingBlock',
            'MergingVisionTransformer', 'MergingVisionTransformerDistilled']
 
 Reduction = Tuple[torch.Tensor, torch.Tensor]
 """What a reducing block reports: ``(kept_index (B, K), assignment (B, N_patches))``."""
 
 
+def is_scalar(value) -> bool:
+    """Whether ``value`` is one number for every block: a Python or NumPy number, a 0-d tensor."""
+    return isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor)
+                                                 and value.dim() == 0)
+
+
 def per_block(value, depth: int, name: str) -> list:
     """A scalar (or None) repeated for every block, or a per-block sequence checked for length."""
-    if value is None or isinstance(value, numbers.Number):
+    if value is None or is_scalar(value):
+        if isinstance(value, torch.Tensor):
+            value = value.item()
         return [value] * depth
     values = list(value)
     if len(values) != depth:

@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -438,8 +439,10 @@ def test_multi_scale_tokens_and_keep_rate():
         # k = ceil(r * n) evaluated as the definition says (0.7 * 10 is 7.000000000000001 in floats)
         assert sizes == [(26, 36), (10, 26), (math.ceil(0.7 * 10), 10)]
         # the front end never reduces: an int count first applies to the fused stream
-        sizes = reduction_sizes(model(x, tokens=12, get_idx=True)[1])
-        assert sizes == [(12, 36)]
+        for count in (12, np.int64(12), torch.tensor(12)):
+            assert reduction_sizes(model(x, tokens=count, get_idx=True)[1]) == [(12, 36)]
+        for rate in (np.float32(0.5), torch.tensor(0.5)):
+            assert reduction_sizes(model(x, keep_rate=rate, get_idx=True)[1]) == [(18, 36), (9, 18)]
     ref_logits, _ = ref_forward(model, x, None, [None, None, None, None, 10, None])
     with torch.no_grad():
         logits = model(x, tokens=[None, None, None, None, 10, None])
