@@ -1,20 +1,19 @@
 """Checkpoints: crash-safe writing, loading without executing code, and mapping weights
 between models (resume, evaluation, finetuning from DeiT/timm or MTViT weights)."""
 import argparse
-import contextlib
 import math
 import os
 import pickle
 import re
 import shutil
-import uuid
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic_write import replacing
 from multi_scale import POOL
 from utils import BYTES_PER_MB, MachineError, is_disk_full, is_main_process
 
@@ -26,29 +25,6 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or unsafe to load."""
 
 
-def _fsync_file(path: str) -> None:
-    """Make a written file's data durable before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Persist a rename; some platforms (Windows) cannot open directories, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a nest of dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
@@ -58,42 +34,6 @@ def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(value) for value in obj)
     return 0
-
-
-@contextlib.contextmanager
-def replacing(path: Union[str, os.PathLike]) -> Iterator[str]:
-    """Yields where to write a new version of the file ``path``: the same name in a private
-    staging folder beside it (``.<name>.<pid>.<hex>.tmp``), so that files a writer adds next to
-    it (an ONNX model's ``<name>.data`` weights) are staged and renamed with it.
-
-    When the block ends normally, every file written there is fsynced and renamed into
-    ``path``'s folder, ``path`` last (each rename atomic on POSIX), and the folder is fsynced
-    so that the renames survive a power loss. When it raises, the staging folder is removed
-    and ``path`` is as it was; an OSError of the staged files or of the renames is re-raised
-    naming ``path`` and saying so. Used for every file a later run reads: checkpoints, exported
-    models, packed datasets. Staging folders of ``path`` left by killed writers are removed
-    first (``_remove_stale_temporaries``), so that their space is free for this one.
-    """
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    _remove_stale_temporaries(directory, name)
-    staging = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        os.mkdir(staging)
-        yield os.path.join(staging, name)
-        written = sorted(os.listdir(staging), key=lambda entry: entry == name)
-        for entry in written:
-            _fsync_file(os.path.join(staging, entry))
-        for entry in written:
-            os.replace(os.path.join(staging, entry), os.path.join(directory, entry))
-    except OSError as error:
-        if error.filename is not None and not str(error.filename).startswith(staging):
-            raise  # names a file of its own (another split's, an input)
-        raise OSError(error.errno, f"{error.strerror or error}; {path} is as it was",
-                      path) from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _fsync_directory(directory)
 
 
 def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
@@ -118,50 +58,6 @@ def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
             f'no space left on device writing {path} (about '
             f'{_tensor_bytes(obj) / BYTES_PER_MB:.0f} MB needed, '
             f'{shutil.disk_usage(directory).free / BYTES_PER_MB:.0f} MB free); {kept}') from None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, owned by someone else
-        return True
-    except OverflowError:  # not a pid this system can have: no writer of ours
-        return False
-    return True
-
-
-def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Delete the temporaries of ``name`` left by writers killed mid-write.
-
-    A SIGKILL or power cut inside ``replacing`` leaves the file intact but its half-written
-    staging folder behind (a plain file, in earlier versions), a checkpoint's worth of disk
-    each time. Those whose writer (the pid in their name) is no longer running on this host
-    are removed, and so are this pid's own (a pid reused after a restart: each writer of a
-    file is synchronous, so none of its own is in progress). Skipped on Windows, where
-    probing a pid with os.kill would terminate it.
-    """
-    if os.name == "nt":
-        return
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        stale = os.path.join(directory, entry)
-        if os.path.isdir(stale) and not os.path.islink(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(stale)
 
 
 def namespace_to_dict(namespace: argparse.Namespace) -> Dict[str, Any]:

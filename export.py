@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 import models_mtvit
-from checkpoints import (CheckpointError, load_checkpoint, load_weights, model_state_dict,
-                         replacing)
+from atomic_write import replacing
+from checkpoints import CheckpointError, load_checkpoint, load_weights, model_state_dict
 from datasets import DATA_SETS, DatasetError
 from main import (UsageError, check_model_config, create_model, is_mtvit,
                   reconcile_with_checkpoint)

@@ -6,12 +6,11 @@ ARROW``) memory-maps; ``python pack_arrow.py export-digits --dst DIR`` writes th
 split as an ImageFolder tree. ``python datasets.py ...`` runs the same command line.
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
 
-from checkpoints import replacing
+from atomic_write import replacing_together
 from datasets import (ARROW_CLASSES_KEY, ARROW_FORMAT_KEY, ARROW_FORMAT_VERSION, DatasetError,
                       check_split_dir, export_digits_imagefolder, open_image_folder)
 
@@ -83,11 +82,11 @@ def pack_imagefolder(src_root, dst_root, rows_per_batch=DEFAULT_ROWS_PER_BATCH, 
     split_dirs = {split: check_split_dir(src_root, split) for split in splits}
     os.makedirs(dst_root, exist_ok=True)
     # Every split is staged before any replaces its earlier file: a failure leaves the earlier
-    # pair, not a new train.arrow beside an old val.arrow.
-    with contextlib.ExitStack() as staging:
-        return {split: _pack_split(split_dir, staging.enter_context(
-                    replacing(os.path.join(dst_root, f'{split}.arrow'))), rows_per_batch, progress)
-                for split, split_dir in split_dirs.items()}
+    # pair, not a new val.arrow beside an old train.arrow.
+    with replacing_together([os.path.join(dst_root, f'{split}.arrow') for split in split_dirs]
+                            ) as staged:
+        return {split: _pack_split(split_dir, dst_path, rows_per_batch, progress)
+                for (split, split_dir), dst_path in zip(split_dirs.items(), staged)}
 
 
 def _parse_command_line(argv):

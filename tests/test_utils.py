@@ -1,5 +1,6 @@
 import argparse
 import builtins
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Plain `pytest` (unlike `python -m pytest`) does not put the repository on sys.path.
 sys.path.insert(0, str(REPO_ROOT))
 
+import atomic_write  # noqa: E402
 import checkpoints  # noqa: E402
 import utils  # noqa: E402
 
@@ -381,42 +383,102 @@ def test_check_finite():
         utils.check_finite(torch.tensor(float("inf")), epoch=1, iteration=2)
 
 
+
+# ----------------------------------------------------------------------------
+# Replacing files (atomic_write)
+# ----------------------------------------------------------------------------
+
+HEXES = '0123456789abcdef' * 2
+
+
 def test_replacing_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / 'model.onnx'
     target.write_bytes(b'old')
-    hexes = '0123456789abcdef' * 2
-    stale_file = tmp_path / f'.model.onnx.999999999.{hexes}.tmp'  # an earlier version's
+    stale_file = tmp_path / f'.model.onnx.999999999.{HEXES}.tmp'  # an earlier version's
     stale_file.write_bytes(b'left by a killed writer')
-    stale_folder = tmp_path / f'.model.onnx.{2 ** 70}.{hexes}.tmp'  # no system's pid
+    stale_folder = tmp_path / f'.model.onnx.{2 ** 70}.{HEXES}.tmp'  # no system's pid
     stale_folder.mkdir()
     (stale_folder / 'model.onnx').write_bytes(b'half')
-    other = tmp_path / f'.other.onnx.999999999.{hexes}.tmp'  # another file's: not touched
+    other = tmp_path / f'.other.onnx.999999999.{HEXES}.tmp'  # another file's: not touched
     other.write_bytes(b'')
     with pytest.raises(OSError) as failure:
-        with checkpoints.replacing(target) as staged:
-            assert os.path.basename(staged) == 'model.onnx' and os.path.dirname(staged) != str(tmp_path)
+        with atomic_write.replacing(target) as staged:
+            assert os.path.basename(staged) == 'model.onnx'
+            assert os.path.dirname(os.path.dirname(staged)) == str(tmp_path)
             Path(staged).write_bytes(b'half')
             raise OSError(28, 'No space left on device', staged)
     assert (failure.value.filename, failure.value.strerror) == (
         str(target), f'No space left on device; {target} is as it was')
     assert target.read_bytes() == b'old'
     assert sorted(os.listdir(tmp_path)) == sorted([target.name, other.name])
-    with checkpoints.replacing(target) as staged:
+    with atomic_write.replacing(target) as staged:
         Path(staged).write_bytes(b'new')
         Path(staged + '.data').write_bytes(b'weights')  # written beside it: renamed with it
     assert (target.read_bytes(), (tmp_path / 'model.onnx.data').read_bytes()) == (b'new', b'weights')
     assert sorted(os.listdir(tmp_path)) == sorted([target.name, 'model.onnx.data', other.name])
 
 
-def test_replacing_lets_other_errors_through_and_names_a_missing_folder(tmp_path):
+def test_replacing_refuses_before_any_rename(tmp_path):
     target = tmp_path / 'data.arrow'
-    with pytest.raises(KeyError):
-        with checkpoints.replacing(target) as staged:
+    with pytest.raises(KeyError):  # not a file error: passed through as it is
+        with atomic_write.replacing(target) as staged:
             Path(staged).write_bytes(b'x')
             raise KeyError('not a file error')
-    assert os.listdir(tmp_path) == []
+    with pytest.raises(OSError, match=f'the writer wrote no file; {target} is as it was'):
+        with atomic_write.replacing(target):
+            pass
+    folder = tmp_path / 'model.onnx'
+    folder.mkdir()
+    with pytest.raises(OSError, match=f'{folder} is a folder; {folder} is as it was'):
+        with atomic_write.replacing(folder) as staged:
+            Path(staged).write_bytes(b'x')
+            Path(staged + '.data').write_bytes(b'weights')
+    assert sorted(os.listdir(tmp_path)) == ['model.onnx']  # the weights were not moved either
     missing = tmp_path / 'missing' / 'data.arrow'
     with pytest.raises(OSError) as failure:
-        with checkpoints.replacing(missing):
+        with atomic_write.replacing(missing):
             pass
     assert failure.value.filename == str(missing) and 'is as it was' in failure.value.strerror
+
+
+def test_replacing_together_replaces_all_or_none(tmp_path):
+    paths = [tmp_path / 'train.arrow', tmp_path / 'val.arrow']
+    for path in paths:
+        path.write_bytes(b'old')
+    with pytest.raises(ValueError):
+        with atomic_write.replacing_together(paths) as staged:
+            Path(staged[0]).write_bytes(b'new')
+            raise ValueError('the second split failed')
+    assert [path.read_bytes() for path in paths] == [b'old', b'old']
+    with atomic_write.replacing_together(paths) as staged:
+        for name in staged:
+            Path(name).write_bytes(b'new')
+    assert [path.read_bytes() for path in paths] == [b'new', b'new']
+    assert sorted(os.listdir(tmp_path)) == ['train.arrow', 'val.arrow']
+
+
+def test_a_live_writers_folder_is_not_removed_even_with_this_pid(tmp_path):
+    # Another container's writer can have this process's pid: its folder's lock protects it.
+    target = tmp_path / 'checkpoint.pth'
+    with atomic_write.replacing(target) as outer:
+        Path(outer).write_bytes(b'outer')
+        with atomic_write.replacing(target) as inner:  # its cleanup sees the outer's folder
+            Path(inner).write_bytes(b'inner')
+        assert target.read_bytes() == b'inner' and os.path.exists(outer)
+    assert target.read_bytes() == b'outer'
+    assert os.listdir(tmp_path) == ['checkpoint.pth']
+
+
+def test_replacing_works_where_folders_cannot_be_locked(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):  # NFS's emulation on a folder opened for reading
+        raise OSError(errno.EBADF, 'Bad file descriptor')
+
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    target = tmp_path / 'checkpoint.pth'
+    dead = tmp_path / f'.checkpoint.pth.{2 ** 70}.{HEXES}.tmp'
+    dead.mkdir()
+    with atomic_write.replacing(target) as staged:
+        Path(staged).write_bytes(b'new')
+    assert target.read_bytes() == b'new' and os.listdir(tmp_path) == ['checkpoint.pth']
