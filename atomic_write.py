@@ -14,9 +14,13 @@ import os
 import re
 import shutil
 import uuid
-from typing import Iterator, List, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, bytes, os.PathLike]
+
+_LIVE_STAGINGS = set()
+"""Names of this process's staging folders in use: never stale, even where folders cannot be
+locked."""
 
 
 @contextlib.contextmanager
@@ -38,7 +42,9 @@ def replacing_together(paths: Sequence[PathLike]) -> Iterator[List[str]]:
     follow one another (the only window in which some are new and some old). Each path's own
     file must have been written (OSError otherwise); files written beside it are renamed
     before it."""
-    targets = [os.path.abspath(os.fspath(path)) for path in paths]
+    # Joined to the working folder, not normalised: '..' after a symlinked folder is the
+    # kernel's to resolve, as every other open of the path does.
+    targets = [os.path.join(os.getcwd(), os.fsdecode(path)) for path in paths]
     stagings = []
     replaced = []
     try:
@@ -48,6 +54,7 @@ def replacing_together(paths: Sequence[PathLike]) -> Iterator[List[str]]:
                 _remove_stale_temporaries(directory, name)
                 staging = os.path.join(directory, f'.{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
                 stagings.append(staging)
+                _LIVE_STAGINGS.add(os.path.basename(staging))
                 os.mkdir(staging)
                 locks.enter_context(_held_lock(staging))
             yield [os.path.join(staging, os.path.basename(target))
@@ -60,17 +67,32 @@ def replacing_together(paths: Sequence[PathLike]) -> Iterator[List[str]]:
                 os.replace(source, destination)
                 replaced.append(destination)
     except OSError as error:
-        if error.filename is not None and not any(
-                os.fsdecode(error.filename).startswith(staging) for staging in stagings):
-            raise  # names a file of its own (another target's, an input)
-        kept = (f'{", ".join(replaced)} replaced, the rest as it was' if replaced
-                else f'{", ".join(targets)} {"is" if len(targets) == 1 else "are"} as it was')
-        raise OSError(error.errno, f'{error.strerror or error}; {kept}', targets[0]) from error
+        target = _target_of(error, stagings, targets)
+        if target is None:
+            raise  # not about the staged files: it names its own file, or none
+        kept = (f'{", ".join(replaced)} replaced, the rest as they were' if replaced
+                else f'{targets[0]} is as it was' if len(targets) == 1
+                else f'{", ".join(targets)} are as they were')
+        raise OSError(error.errno, f'{error.strerror or error}; {kept}', target) from error
     finally:
         for staging in stagings:
             shutil.rmtree(staging, ignore_errors=True)
+            _LIVE_STAGINGS.discard(os.path.basename(staging))
     for directory in dict.fromkeys(os.path.dirname(target) for target in targets):
         _fsync_directory(directory)
+
+
+def _target_of(error: OSError, stagings: Sequence[str], targets: Sequence[str]) -> Optional[str]:
+    """The target an OSError of ``replacing_together`` is about: the one whose staged file it
+    names, or the first for a file error that names no file (a full disk); else None."""
+    named = error.filename
+    if named is None:
+        return targets[0] if error.errno is not None else None
+    if not isinstance(named, (str, bytes, os.PathLike)):  # a file descriptor
+        return None
+    named = os.fsdecode(named)
+    return next((target for staging, target in zip(stagings, targets)
+                 if named.startswith(staging)), None)
 
 
 def _staged_moves(staging: str, target: str) -> List[tuple]:
@@ -99,10 +121,14 @@ def _held_lock(staging: str) -> Iterator[None]:
         return
     fd = os.open(staging, os.O_RDONLY)
     try:
-        # Some file systems lock no folders (NFS emulates flock with locks that need a file
-        # open for writing; Lustre without -o flock): there the pid rule alone decides.
-        with contextlib.suppress(OSError):
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            # Another writer's _is_locked probing this folder for an instant: wait for it.
+            # Some file systems lock no folders (NFS emulates flock with locks that need a file
+            # open for writing; Lustre without -o flock): there the pid rule alone decides.
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -165,8 +191,8 @@ def _remove_stale_temporaries(directory: str, name: str) -> None:
     A SIGKILL or power cut during a write leaves the file intact but its half-written staging
     folder behind (a plain file, in earlier versions), a checkpoint's worth of disk each time.
     Those whose writer (the pid in their name) is no longer running on this host are removed,
-    and so are this pid's own (a pid reused after a restart), unless a live writer holds the
-    folder's lock. Skipped on Windows, where probing a pid with os.kill would terminate it.
+    and so are this pid's own (a pid reused after a restart) but those in use in this process,
+    unless a live writer holds the folder's lock. Skipped on Windows, where probing a pid with os.kill would terminate it.
     """
     if os.name == 'nt':
         return
@@ -180,9 +206,9 @@ def _remove_stale_temporaries(directory: str, name: str) -> None:
         if match is None:
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
         stale = os.path.join(directory, entry)
+        if (pid != os.getpid() and _pid_alive(pid)) or entry in _LIVE_STAGINGS:
+            continue
         if os.path.isdir(stale) and not os.path.islink(stale):
             if not _is_locked(stale):
                 shutil.rmtree(stale, ignore_errors=True)

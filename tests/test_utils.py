@@ -479,6 +479,29 @@ def test_replacing_works_where_folders_cannot_be_locked(tmp_path, monkeypatch):
     target = tmp_path / 'checkpoint.pth'
     dead = tmp_path / f'.checkpoint.pth.{2 ** 70}.{HEXES}.tmp'
     dead.mkdir()
-    with atomic_write.replacing(target) as staged:
-        Path(staged).write_bytes(b'new')
-    assert target.read_bytes() == b'new' and os.listdir(tmp_path) == ['checkpoint.pth']
+    with atomic_write.replacing(target) as outer:
+        Path(outer).write_bytes(b'outer')
+        with atomic_write.replacing(target) as inner:  # this process's folder is not stale
+            Path(inner).write_bytes(b'inner')
+    assert target.read_bytes() == b'outer' and os.listdir(tmp_path) == ['checkpoint.pth']
+
+
+def test_replacing_paths_and_errors_of_other_files(tmp_path, monkeypatch):
+    (tmp_path / 'real' / 'sub').mkdir(parents=True)
+    (tmp_path / 'link').symlink_to(tmp_path / 'real' / 'sub')
+    monkeypatch.chdir(tmp_path)
+    with atomic_write.replacing(b'link/../model.onnx') as staged:  # bytes; '..' after a link
+        Path(staged).write_bytes(b'x')
+    assert (tmp_path / 'real' / 'model.onnx').read_bytes() == b'x'
+    assert not (tmp_path / 'model.onnx').exists()
+    with pytest.raises(OSError) as failure:  # about a file descriptor: passed through
+        with atomic_write.replacing('model.onnx'):
+            raise OSError(errno.EBADF, 'Bad file descriptor', 10 ** 6)
+    assert failure.value.filename == 10 ** 6 and 'as it was' not in str(failure.value)
+    paths = [tmp_path / 'train.arrow', tmp_path / 'val.arrow']
+    with pytest.raises(OSError) as failure:
+        with atomic_write.replacing_together(paths) as staged:
+            raise OSError(errno.ENOSPC, 'No space left on device', staged[1])
+    assert failure.value.filename == str(paths[1])
+    assert failure.value.strerror == (f'No space left on device; {paths[0]}, {paths[1]} are as '
+                                      f'they were')
