@@ -99,11 +99,17 @@ class DistillationLoss(nn.Module):
 
 def build_teacher(model_name: str, path: str, num_classes: int, device: torch.device) -> nn.Module:
     """The distillation teacher: timm's ``model_name`` with the weights at ``path`` (a
-    checkpoint of exactly that model), in eval mode on ``device``."""
+    checkpoint of exactly that model), in eval mode on ``device``. A CNN pools by averaging, as
+    DeiT builds its teachers; a ViT keeps its own pooling (with 'avg' timm would give it a norm
+    that its checkpoint does not have)."""
     import timm
+    from timm.models.vision_transformer import VisionTransformer
     from checkpoints import load_checkpoint, load_weights, model_state_dict
+    with torch.device('meta'):  # which kind of model it is, without building its weights
+        is_vit = isinstance(timm.create_model(model_name, num_classes=num_classes),
+                            VisionTransformer)
     teacher = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
-                                global_pool='avg')
+                                **({} if is_vit else dict(global_pool='avg')))
     load_weights(teacher, model_state_dict(load_checkpoint(path), path), path,
                  flag=f'--teacher-model {model_name}:')
     return teacher.to(device).eval()

@@ -159,9 +159,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='finetune from checkpoint (.pth or .safetensors)')
     group.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
     group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str)
-    group.add_argument('--inat-category', default='name', type=str,
-                       choices=('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family',
-                                'genus', 'name'))
+    group.add_argument('--inat-category', default='name', type=str, choices=(
+        'kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'))
     group.add_argument('--use-lmdb', action='store_true',
                        help="the release's LMDB input: not supported, see --data-set ARROW")
     group.add_argument('--skip-bad-images', action='store_true',
@@ -204,11 +203,6 @@ def is_mtvit(model_name: str) -> bool:
     return model_name in models_mtvit.MTVIT_MODELS
 
 
-def reduces_tokens(args: argparse.Namespace) -> bool:
-    """MTViT, or a timm ViT given mergence by --merge-any: the model takes keep rates."""
-    return is_mtvit(args.model) or args.merge_any
-
-
 def check_args(args: argparse.Namespace):
     """Rejects flag values that cannot work, naming the flag."""
     import timm.data
@@ -244,11 +238,14 @@ def check_args(args: argparse.Namespace):
         raise UsageError(f'--merge-any is for timm ViTs; {args.model} reduces tokens already')
     if args.use_lmdb:
         raise UsageError('--use-lmdb: LMDB files are not supported; pack the ImageFolder tree once '
-                         'with `python pack_arrow.py pack --src SRC --dst DST`, then train '
-                         'with --data-set ARROW --data-path DST')
+                         'with `python pack_arrow.py pack --src SRC --dst DST`, then train with '
+                         '--data-set ARROW --data-path DST')
     if args.distillation_type != 'none' and not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                          f'(teacher weights cannot be downloaded)')
+    if args.batch_size % 2 and not args.eval and (args.mixup or args.cutmix or args.cutmix_minmax):
+        raise UsageError(f'--batch-size {args.batch_size}: Mixup and CutMix pair the images of a '
+                         f'batch; give an even one (or --mixup 0 --cutmix 0)')
     if args.gpu_augment and not args.aa.startswith('rand'):
         raise UsageError(f'--gpu-augment runs RandAugment on the device; --aa {args.aa} is not '
                          f'a RandAugment policy (rand-...)')
@@ -349,9 +346,8 @@ def build_loaders(args: argparse.Namespace, dist_state, train: bool):
                         inat_category=args.inat_category, skip_bad_images=args.skip_bad_images)
     dataset_val, num_classes = build_dataset(
         False, transform=build_worker_transform(False, **transform_args), **dataset_args)
-    # A loader's own generator: the worker seeds it draws (once with persistent workers, so a
-    # resumed run would draw where an uninterrupted one does not) leave the process's random
-    # stream alone.
+    # The loaders' own generator draws the worker seeds (once with persistent workers, so a
+    # resumed run would draw where an uninterrupted one does not), not the process's stream.
     loader_args = dict(device=dist_state.device, num_workers=args.num_workers,
                        pin_memory=args.pin_mem and dist_state.device.type == 'cuda',
                        generator=torch.Generator().manual_seed(args.seed),
@@ -542,14 +538,15 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             broadcast_buffers=False)
+    reduces_tokens = is_mtvit(args.model) or args.merge_any  # the model takes keep rates
     loop = EpochLoop(
         device=device, epochs=args.epochs, amp_dtype=amp_dtype, clip_grad=args.clip_grad,
         keep_rate_schedule=(partial(keep_rate_at, iters_per_epoch=len(train_loader),
                                     base_keep_rate=args.base_keep_rate,
                                     shrink_start_epoch=args.shrink_start_epoch,
                                     shrink_epochs=args.shrink_epochs)
-                            if reduces_tokens(args) else None),
-        token_counts=state.model.token_counts if reduces_tokens(args) else None,
+                            if reduces_tokens else None),
+        token_counts=state.model.token_counts if reduces_tokens else None,
         set_training_mode=not args.finetune, sharded_eval=args.dist_eval and dist_state.distributed,
         print_freq=args.print_freq, checkpoint_path=checkpoint_path_of(args),
         output_dir=args.output_dir, n_parameters=count_parameters(state.model))

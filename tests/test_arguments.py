@@ -39,6 +39,7 @@ def the_error_line(capsys) -> str:
 @pytest.mark.parametrize('flags, named', [
     (['--lr', '0'], '--lr'), (['--lr', 'nan'], '--lr'), (['--batch-size', '0'], '--batch-size'),
     (['--lr-noise-pct', '-0.1'], '--lr-noise-pct'),
+    (['--batch-size', '15'], '--batch-size 15: Mixup and CutMix pair the images'),
     (['--epochs', '-1'], '--epochs'), (['--clip-grad', '-1'], '--clip-grad'),
     (['--clip-grad', '0'], '--clip-grad'), (['--smoothing', '1'], '--smoothing'),
     (['--hflip', '1.5'], '--hflip'), (['--drop-path', '1'], '--drop-path'),

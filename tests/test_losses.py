@@ -191,3 +191,20 @@ def test_a_teacher_checkpoint_of_another_model_names_the_teacher_flag(tmp_path):
     with pytest.raises(CheckpointError, match=f'^{path} does not fit --teacher-model resnet18: '
                                               f'ResNet \\(missing: '):
         build_teacher('resnet18', str(path), num_classes=10, device=torch.device('cpu'))
+
+
+def test_a_vit_teacher_loads_its_own_checkpoint_with_its_own_pooling(tmp_path):
+    import timm
+    from losses import build_teacher
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_patch16_224', num_classes=10, img_size=32).eval()
+    path = tmp_path / 'vit_teacher.pth'
+    torch.save({'model': vit.state_dict()}, path)
+    with pytest.MonkeyPatch.context() as patch:  # the teacher is built at the default size
+        patch.setattr(timm, 'create_model', lambda name, **kwargs: timm.models.create_model(
+            name, img_size=32, **kwargs))
+        teacher = build_teacher('deit_tiny_patch16_224', str(path), num_classes=10,
+                                device=torch.device('cpu'))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher(images), vit(images))  # class-token pooling, as saved
