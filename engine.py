@@ -89,7 +89,8 @@ def train_one_epoch(
             epoch early.
     Returns:
         global averages of the meters (loss, lr) over all processes, ``keep_rate``: the rate
-        reached at the end of the epoch, and, when
+        reached at the end of the epoch, ``resumed_at_step`` when the epoch started there (the
+        averages are of its steps from there on), and, when
         ``should_stop`` ended the epoch, ``stopped_after`` (the steps of the epoch taken) and
         ``stopped_by`` (its answer).
     Raises:
@@ -153,6 +154,8 @@ def train_one_epoch(
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     if keep_rate is not None:
         stats['keep_rate'] = keep_rate  # the rate reached at the end of the epoch
+    if first_iteration:  # the averages are of the steps since, not of the whole epoch
+        stats['resumed_at_step'] = first_iteration
     if stop_answer:
         stats.update(stopped_after=step + 1, stopped_by=stop_answer)
     return stats

@@ -25,7 +25,7 @@ from checkpoints import (CheckpointError, finetune_from, load_checkpoint, load_w
                          model_state_dict, num_classes_of)
 from training import (LR_REFERENCE_BATCH, EpochLoop, Preempted, TrainingState, build_ema,
                       build_optimizer, build_scheduler, count_parameters, fit,
-                      ignore_stop_signals, scaled_lr)
+                      ignore_stop_signals, scaled_lr, wrap_distributed)
 from utils import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY,
                    MachineError, NonFiniteLossError, OneLineErrorParser, check_output_dir,
                    cleanup, init_distributed, is_main_process, machine_error_message,
@@ -36,7 +36,8 @@ DEFAULT_INPUT_SIZE = 224
 DEFAULT_NUM_CLASSES = 1000  # ImageNet, for --only_test_speed which loads no data
 EVAL_BATCH_FACTOR = 1.5  # evaluation needs no gradients, so larger batches fit
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
-SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'wsd', 'constant')
+# timm's, but for 'plateau', which needs a metric each epoch and does not resume exactly.
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'rsqrt', 'wsd', 'constant')
 DEBUG_ENV = 'MTVIT_DEBUG'
 
 
@@ -534,10 +535,7 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
         teacher_model=args.teacher_model, teacher_path=args.teacher_path,
         distillation_alpha=args.distillation_alpha, distillation_tau=args.distillation_tau)
     if dist_state.distributed:
-        # The model's only buffers are constants of its grid: nothing to broadcast each step.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None,
-            broadcast_buffers=False)
+        model = wrap_distributed(model, device)
     reduces_tokens = is_mtvit(args.model) or args.merge_any  # the model takes keep rates
     loop = EpochLoop(
         device=device, epochs=args.epochs, amp_dtype=amp_dtype, clip_grad=args.clip_grad,

@@ -109,6 +109,17 @@ def build_ema(model: nn.Module, *, decay: float, force_cpu: bool = False):
     return ModelEmaV3(model, decay=decay, device=torch.device('cpu') if force_cpu else None)
 
 
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel (one device per process on CUDA). Buffers a
+    checkpoint saves can change in training (a CNN's BatchNorm statistics): rank 0's go to
+    every process at each training forward, as in DeiT. MTViT's buffers are constants of its
+    grid, not saved, and not broadcast."""
+    saved = model.state_dict()
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        broadcast_buffers=any(name in saved for name, _ in model.named_buffers()))
+
+
 @dataclass
 class TrainingState:
     """Everything a training step changes, which a checkpoint must hold to continue exactly."""

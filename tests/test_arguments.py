@@ -45,7 +45,7 @@ def the_error_line(capsys) -> str:
     (['--hflip', '1.5'], '--hflip'), (['--drop-path', '1'], '--drop-path'),
     (['--opt-betas', '0.9'], '--opt-betas'), (['--num_workers', '-1'], '--num_workers'),
     (['--speed-iterations', '0'], '--speed-iterations'), (['--start_epoch', '-3'], '--start_epoch'),
-    (['--sched', 'foo'], '--sched'), (['--train-interpolation', 'foo'], '--train-interpolation'),
+    (['--sched', 'foo'], '--sched'), (['--sched', 'plateau'], '--sched'), (['--train-interpolation', 'foo'], '--train-interpolation'),
     (['--remode', 'foo'], '--remode'), (['--opt', 'foo'], '--opt foo'),
     (['--aa', 'foo'], '--aa foo'), (['--device', 'foo'], "--device 'foo'"),
     (['--scale', '1', '0.5'], '--scale 1.0 0.5'), (['--ratio', '2', '1'], '--ratio 2.0 1.0'),

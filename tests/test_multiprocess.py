@@ -1,6 +1,7 @@
 """Faults that only show with several processes, under a 2-process torchrun on the CPU (gloo):
-a NaN loss on one rank stops every rank at once, and ``--visualize_mask`` writes each image once,
-named by its dataset index, with or without ``--dist-eval``.
+a NaN loss on one rank stops every rank at once, ``--visualize_mask`` writes each image once,
+named by its dataset index, with or without ``--dist-eval``, and a CNN's BatchNorm statistics
+follow rank 0's.
 
 Run: ``python -m pytest -q tests/test_multiprocess.py`` from the repository root.
 """
@@ -147,3 +148,33 @@ def test_visualize_mask_under_torchrun_writes_each_image_once(tiny_checkpoint, t
     # Rank 0 (the one that prints) wrote its half only: 3 images and one overview.
     [written] = re.findall(r'visualisation: (\d+) files written', output)
     assert int(written) == N_VISUALIZATION // 2 * (1 + per_image) + 1
+
+
+# Two training steps of timm's resnet10t under wrap_distributed: different images on each rank,
+# then the same images on both. Each forward starts from rank 0's BatchNorm statistics, so after
+# the second step the ranks hold the same ones (each its own, without the broadcast).
+BUFFERS_SCRIPT = '''
+import sys
+import timm, torch, torch.distributed as dist, torch.nn.functional as F
+import training
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = training.wrap_distributed(timm.create_model('resnet10t', num_classes=3), torch.device('cpu'))
+for seed in (1 + rank, 0):
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    F.cross_entropy(model(images), torch.zeros(4, dtype=torch.long)).backward()
+mean = next(buffer for name, buffer in model.module.named_buffers()
+            if name.endswith('running_mean')).clone()
+gathered = [torch.empty_like(mean) for _ in range(2)]
+dist.all_gather(gathered, mean)
+print('SAME' if torch.equal(*gathered) else 'DIFFERENT', float((gathered[0] - gathered[1]).abs().max()))
+dist.destroy_process_group()
+'''
+
+
+def test_batch_norm_statistics_follow_rank_0_under_ddp(tmp_path):
+    script = tmp_path / 'buffers.py'
+    script.write_text(BUFFERS_SCRIPT)
+    output = run_ok(torchrun(script=script))
+    assert output.count('SAME') == 2, output[-2000:]

@@ -6,6 +6,7 @@ for one process and for two under torchrun.
 The signal comes from inside the run, at a chosen training step, so that where it lands does not
 depend on the machine's speed: the criterion counts its calls and the process signals itself.
 """
+import json
 import os
 import signal
 import textwrap
@@ -75,6 +76,8 @@ def test_stop_signal_mid_epoch_then_exact_resume(tree, tmp_path, monkeypatch, ca
     monkeypatch.undo()
     assert main.cli([*args, '--output_dir', str(stopped), '--resume', str(checkpoint_path)]) == 0
     assert 'resumed' in capsys.readouterr().out
+    epochs = [json.loads(line) for line in (stopped / 'log.txt').read_text().splitlines()]
+    assert [entry.get('train_resumed_at_step') for entry in epochs] == [None, 3]
     assert main.cli([*args, '--output_dir', str(full)]) == 0
     continued, reference = load(checkpoint_path), load(full / 'checkpoint.pth')
     assert continued['epoch'] == reference['epoch'] == 1
