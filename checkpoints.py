@@ -366,9 +366,11 @@ def _shape_mismatches(state_dict: dict, target: dict) -> List[str]:
             if state_dict[key].shape != target[key].shape]
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict, path: str, flag: str = '--model'):
-    """Loads a checkpoint of this very model (resume, eval), listing any mismatch; ``flag``
-    names the option that chose the model."""
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str,
+                 chosen_by: Optional[str] = None, saved_model: Optional[str] = None):
+    """Loads a checkpoint of this very model (resume, eval), listing any mismatch; ``chosen_by``
+    names the option that chose the model (``--model NAME``; default: its class), and
+    ``saved_model`` the model the checkpoint's run named, given when that is another."""
     target = model.state_dict()
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
@@ -377,8 +379,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str, flag: str 
         problems = '; '.join(f'{name}: {_listed(keys)}'
                              for name, keys in (('missing', missing), ('unexpected', unexpected),
                                                 ('shape', wrong_shape)) if keys)
-        raise CheckpointError(f'{path} does not fit {flag} {type(model).__name__} '
-                              f'({problems})')
+        saved = f'; it was saved by --model {saved_model}' if saved_model else ''
+        raise CheckpointError(f'{path} does not fit {chosen_by or type(model).__name__} '
+                              f'({problems}){saved}')
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -223,21 +224,27 @@ def build_model(config: argparse.Namespace, weights: dict, path: str) -> nn.Modu
                                         drop_loc=config.drop_loc)
         except ValueError as error:
             raise UsageError(f'--model {config.model}: {error}') from None
-    load_weights(model, weights, path)
+    load_weights(model, weights, path, chosen_by=f'--model {config.model}')
     return model.eval()
 
 
-def _check_output(path: str):
+def _check_output(path: str, checkpoint: str):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f'--output {path}: folder {folder} does not exist')
     if os.path.isdir(path):
         raise UsageError(f'--output {path} is a folder, not a file name')
+    try:  # before the export, which takes a while
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix='.export-probe-'))
+    except OSError as error:
+        raise UsageError(f'--output {path}: cannot write in {folder} ({error.strerror})') from None
+    if os.path.exists(path) and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
+        raise UsageError(f'--output {path} is the --resume checkpoint: the export would replace it')
 
 
 def main(args: argparse.Namespace) -> dict:
     """Exports, checks and measures; returns the figures printed."""
-    _check_output(args.output)
+    _check_output(args.output, args.resume)
     checkpoint = load_checkpoint(args.resume)
     weights = model_state_dict(checkpoint, args.resume)  # refuses what is not a checkpoint
     saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
@@ -304,7 +311,7 @@ def _check_data_set(session, model: nn.Module, dataset, args: argparse.Namespace
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """Command-line entry: one line and a non-zero exit for bad input or a failed check."""
-    parser = OneLineErrorParser('Export an MTViT or merged timm ViT checkpoint to ONNX',
+    parser = OneLineErrorParser(description='Export an MTViT or merged timm ViT checkpoint to ONNX',
                                 command='export.py', parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     try:

@@ -111,7 +111,7 @@ def build_teacher(model_name: str, path: str, num_classes: int, device: torch.de
     teacher = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
                                 **({} if is_vit else dict(global_pool='avg')))
     load_weights(teacher, model_state_dict(load_checkpoint(path), path), path,
-                 flag=f'--teacher-model {model_name}:')
+                 chosen_by=f'--teacher-model {model_name}')
     return teacher.to(device).eval()
 
 

@@ -411,7 +411,9 @@ def run(args: argparse.Namespace, dist_state):
     if finetune_weights is not None:
         finetune_from(model, args.finetune, finetune_weights)
     if resumed_weights is not None:
-        load_weights(model, resumed_weights, args.resume)
+        saved_model = ((checkpoint or {}).get('args') or {}).get('model')
+        load_weights(model, resumed_weights, args.resume, chosen_by=f'--model {args.model}',
+                     saved_model=saved_model if saved_model != args.model else None)
     model.to(device)
     print(f'model {args.model}: {count_parameters(model) / 1e6:.2f} M parameters')
     amp_dtype = AMP_DTYPES[args.amp_dtype] if device.type == 'cuda' else None

@@ -71,11 +71,22 @@ def write_sample_photos(root: str, copies: int = SAMPLE_COPIES) -> int:
     to ``SAMPLE_SIZE`` (bicubic) and saved as JPEG (quality 90), ``copies`` of each for training
     and one for validation; returns the number of training images."""
     import os
+    import re
 
     import numpy as np
     import skimage.data
     from PIL import Image
 
+    from datasets import DatasetError
+
+    # Only into an empty folder or one it wrote before: never among a user's own images.
+    ours = re.compile(rf'(train|val)/class[01]/({"|".join(SAMPLE_PHOTOS)})_\d+\.jpg')
+    for folder, _, files in os.walk(root):
+        for name in files:
+            found = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, '/')
+            if not ours.fullmatch(found):
+                raise DatasetError(f'--data-path {root} holds {found}: --sample-photos writes '
+                                   f'into an empty folder (or one it wrote before)')
     count = 0
     for index, name in enumerate(SAMPLE_PHOTOS):
         pixels = getattr(skimage.data, name)()
@@ -195,7 +206,8 @@ def main(argv=None) -> int:
     try:
         if args.sample_photos:
             written = write_sample_photos(args.data_path, args.sample_copies)
-            print(f'{written} training photographs written to {args.data_path}')
+            print(f'{written} training and {len(SAMPLE_PHOTOS)} validation photographs written '
+                  f'to {args.data_path}')
         result = run(args)
     except (DatasetError, UsageError, OSError) as err:
         print(f'datasets.py bench: error: {err}', file=sys.stderr)

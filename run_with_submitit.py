@@ -15,6 +15,7 @@ the tests exercise the requeue without SLURM.
 """
 import argparse
 import os
+import shutil
 import sys
 from typing import List, Optional
 
@@ -30,7 +31,7 @@ JOB_ID_PATTERN = '%j'  # submitit's (and sbatch's) placeholder for the job id
 
 def get_args_parser() -> argparse.ArgumentParser:
     """main.py's flags, then the job's."""
-    parser = OneLineErrorParser('Submit MTViT training to SLURM with submitit',
+    parser = OneLineErrorParser(description='Submit MTViT training to SLURM with submitit',
                                 command='run_with_submitit.py',
                                 parents=[mtvit_main.get_args_parser()], add_help=False)
     group = parser.add_argument_group('SLURM job (submitit)')
@@ -113,6 +114,16 @@ def check_job_args(args: argparse.Namespace) -> None:
             raise mtvit_main.UsageError(f'{flag} {value} must be at least {least}')
     if args.ngpus == 0 and args.tasks_per_node is None:
         raise mtvit_main.UsageError('--ngpus 0 needs --tasks_per_node (a CPU job)')
+    here = (f'--cluster {args.cluster} runs the job' if args.cluster in ('local', 'debug') else
+            'without sbatch here submitit runs the job' if args.cluster is None
+            and shutil.which('sbatch') is None else None)
+    if here and args.nodes > 1:
+        raise mtvit_main.UsageError(f'--nodes {args.nodes}: {here} on this one machine')
+    # The job would fail on its node, after waiting in the queue.
+    for flag, path in (('--resume', args.resume), ('--finetune', args.finetune),
+                       ('--teacher-path', args.teacher_path)):
+        if path and not path.startswith(('http://', 'https://')) and not os.path.isfile(path):
+            raise mtvit_main.UsageError(f'{flag} {path}: no such file')
 
 
 def build_executor(args: argparse.Namespace):

@@ -251,3 +251,15 @@ def test_weights_saved_beside_the_model_keep_their_name(timm_checkpoint, monkeyp
     assert status == 0, err
     assert sorted(os.listdir(output.parent)) == ['model.onnx', 'model.onnx.data']
     _check_onnx_file(str(output), model, keep_rate=0.5)
+
+
+def test_the_checkpoint_is_never_the_output(timm_checkpoint, tmp_path, capsys):
+    path = timm_checkpoint[0]
+    before = open(path, 'rb').read()
+    link = tmp_path / 'same.pth'
+    link.symlink_to(path)  # the same file under another name
+    status, _, err = _run(['--resume', path, '--output', str(link), '--no-speed'], capsys)
+    assert status == 2
+    assert err == (f'export.py: error: --output {link} is the --resume checkpoint: the export '
+                   f'would replace it\n')
+    assert open(path, 'rb').read() == before

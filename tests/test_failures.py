@@ -294,8 +294,10 @@ def test_checkpoint_of_another_model_lists_mismatch(tree, tiny_checkpoint, tmp_p
     small = [*TINY, '--model', 'deit_small_patch16_shrink_base']
     run = run_main([*tree_args(tree), *small, '--eval', '--resume', tiny_checkpoint],
                    tmp_path, 'resume')
-    line = assert_one_line_error(run, tiny_checkpoint, 'does not fit')
+    line = assert_one_line_error(run, tiny_checkpoint, 'does not fit --model '
+                                                       'deit_small_patch16_shrink_base (')
     assert 'blocks.0.attn.qkv.weight (576, 192) vs (1152, 384)' in line
+    assert line.endswith('; it was saved by --model deit_tiny_patch16_shrink_base')
     run = run_main([*tree_args(tree), *small, '--epochs', '1', '--finetune', tiny_checkpoint],
                    tmp_path, 'finetune')
     line = assert_one_line_error(run, tiny_checkpoint, 'does not fit')

@@ -434,3 +434,18 @@ def test_bench_errors_are_one_line(tmp_path, flags, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_sample_photos_never_go_among_a_users_images(tmp_path):
+    import pipeline_bench
+    from datasets import DatasetError
+    data = tmp_path / 'photos'
+    assert pipeline_bench.write_sample_photos(str(data), copies=1) == 13
+    assert pipeline_bench.write_sample_photos(str(data), copies=1) == 13  # its own tree again
+    users = tmp_path / 'mine'
+    (users / 'train' / '3').mkdir(parents=True)
+    (users / 'train' / '3' / 'a.png').write_bytes(b'a digit')
+    with pytest.raises(DatasetError, match=f'--data-path {users} holds train/3/a.png'):
+        pipeline_bench.write_sample_photos(str(users), copies=1)
+    assert sorted(str(path.relative_to(users)) for path in users.rglob('*')) == [
+        'train', 'train/3', 'train/3/a.png']

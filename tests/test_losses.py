@@ -188,8 +188,8 @@ def test_a_teacher_checkpoint_of_another_model_names_the_teacher_flag(tmp_path):
     path = tmp_path / 'student.pth'
     torch.save({'model': timm.create_model('deit_tiny_patch16_224', num_classes=10).state_dict()},
                path)
-    with pytest.raises(CheckpointError, match=f'^{path} does not fit --teacher-model resnet18: '
-                                              f'ResNet \\(missing: '):
+    with pytest.raises(CheckpointError, match=f'^{path} does not fit --teacher-model resnet18 '
+                                              f'\\(missing: '):
         build_teacher('resnet18', str(path), num_classes=10, device=torch.device('cpu'))
 
 

@@ -324,3 +324,24 @@ def test_submitit_refuses_an_unwritable_output_dir_before_submitting(tree, tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f'run_with_submitit.py: error: --output_dir {output / "out"} is not '
                           f'writable') and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--nodes', '2', '--cluster', 'local'],
+     '--nodes 2: --cluster local runs the job on this one machine'),
+    (['--nodes', '2'], '--nodes 2: without sbatch here submitit runs the job on this one machine'),
+    (['--resume', 'missing.pth', '--eval'], '--resume missing.pth: no such file'),
+    (['--finetune', 'missing.pth'], '--finetune missing.pth: no such file'),
+])
+def test_submitit_refuses_a_job_that_cannot_run_before_queueing_it(tree, tmp_path, capsys,
+                                                                  monkeypatch, flags, message):
+    import run_with_submitit
+    monkeypatch.setattr(run_with_submitit, 'submit', lambda args: pytest.fail('submitted'))
+    monkeypatch.setattr(run_with_submitit.shutil, 'which', lambda name: None)  # no SLURM here
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_with_submitit.cli([*tree_args(tree), *TINY_RUN, '--ngpus', '0', '--tasks_per_node',
+                               '1', '--job_dir', str(tmp_path / 'job'), *flags])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f'run_with_submitit.py: error: {message} (see --help)\n'
+    assert not (tmp_path / 'job').exists()
