@@ -244,7 +244,7 @@ def check_args(args: argparse.Namespace):
     if args.distillation_type != 'none' and not args.teacher_path:
         raise UsageError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                          f'(teacher weights cannot be downloaded)')
-    if args.batch_size % 2 and not args.eval and (args.mixup or args.cutmix or args.cutmix_minmax):
+    if args.batch_size % 2 and trains(args) and (args.mixup or args.cutmix or args.cutmix_minmax):
         raise UsageError(f'--batch-size {args.batch_size}: Mixup and CutMix pair the images of a '
                          f'batch; give an even one (or --mixup 0 --cutmix 0)')
     if args.gpu_augment and not args.aa.startswith('rand'):
@@ -411,7 +411,8 @@ def run(args: argparse.Namespace, dist_state):
     if finetune_weights is not None:
         finetune_from(model, args.finetune, finetune_weights)
     if resumed_weights is not None:
-        saved_model = ((checkpoint or {}).get('args') or {}).get('model')
+        saved_args = (checkpoint or {}).get('args')
+        saved_model = saved_args.get('model') if isinstance(saved_args, dict) else None
         load_weights(model, resumed_weights, args.resume, chosen_by=f'--model {args.model}',
                      saved_model=saved_model if saved_model != args.model else None)
     model.to(device)

@@ -81,7 +81,7 @@ def write_sample_photos(root: str, copies: int = SAMPLE_COPIES) -> int:
 
     # Only into an empty folder or one it wrote before: never among a user's own images.
     ours = re.compile(rf'(train|val)/class[01]/({"|".join(SAMPLE_PHOTOS)})_\d+\.jpg')
-    for folder, _, files in os.walk(root):
+    for folder, _, files in os.walk(root, followlinks=True):
         for name in files:
             found = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, '/')
             if not ours.fullmatch(found):
@@ -114,7 +114,8 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
     train_args = parser.parse_args(
         ['--data-set', args.data_set, '--data-path', args.data_path, '--input-size',
          str(args.input_size), '--batch-size', str(args.batch_size), '--num_workers',
-         str(args.workers), '--device', args.device, *shlex.split(args.main_flags)])
+         str(args.workers), '--device', args.device, '--mixup', '0', '--cutmix', '0',  # not timed
+         *shlex.split(args.main_flags)])
     check_args(train_args)
     return train_args
 

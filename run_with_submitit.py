@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='requeues after timeouts before the job gives up (preemptions '
                             'do not count)')
     group.add_argument('--cluster', default=None, choices=('slurm', 'local', 'debug'),
-                       help='submitit executor (default: slurm where sbatch exists, else local)')
+                       help='submitit executor (default: slurm where srun exists, else local)')
     return parser
 
 
@@ -115,8 +115,8 @@ def check_job_args(args: argparse.Namespace) -> None:
     if args.ngpus == 0 and args.tasks_per_node is None:
         raise mtvit_main.UsageError('--ngpus 0 needs --tasks_per_node (a CPU job)')
     here = (f'--cluster {args.cluster} runs the job' if args.cluster in ('local', 'debug') else
-            'without sbatch here submitit runs the job' if args.cluster is None
-            and shutil.which('sbatch') is None else None)
+            'without srun here submitit runs the job' if args.cluster is None
+            and shutil.which('srun') is None else None)
     if here and args.nodes > 1:
         raise mtvit_main.UsageError(f'--nodes {args.nodes}: {here} on this one machine')
     # The job would fail on its node, after waiting in the queue.

@@ -64,6 +64,7 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
     ['--opt', 'sgd'], ['--opt', 'lookahead_adamw'], ['--sched', 'step'], ['--aa', 'none'],
     ['--aa', 'original'], ['--train-interpolation', 'random'], ['--clip-grad', '1'],
     ['--sched', 'wsd', '--epochs', '4', '--warmup-epochs', '0', '--decay-epochs', '2'],
+    ['--batch-size', '1', '--only_test_speed'], ['--batch-size', '3', '--mixup', '0', '--cutmix', '0'],
 ])
 def test_valid_names_and_numbers_pass_the_checks(flags):
     args = main.get_args_parser().parse_args([*TINY_RUN, *flags])

@@ -447,5 +447,10 @@ def test_sample_photos_never_go_among_a_users_images(tmp_path):
     (users / 'train' / '3' / 'a.png').write_bytes(b'a digit')
     with pytest.raises(DatasetError, match=f'--data-path {users} holds train/3/a.png'):
         pipeline_bench.write_sample_photos(str(users), copies=1)
+    linked = tmp_path / 'linked'
+    linked.mkdir()
+    (linked / 'train').symlink_to(users / 'train')  # the user's folder under another name
+    with pytest.raises(DatasetError, match=f'--data-path {linked} holds train/3/a.png'):
+        pipeline_bench.write_sample_photos(str(linked), copies=1)
     assert sorted(str(path.relative_to(users)) for path in users.rglob('*')) == [
         'train', 'train/3', 'train/3/a.png']

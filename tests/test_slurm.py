@@ -329,7 +329,7 @@ def test_submitit_refuses_an_unwritable_output_dir_before_submitting(tree, tmp_p
 @pytest.mark.parametrize('flags, message', [
     (['--nodes', '2', '--cluster', 'local'],
      '--nodes 2: --cluster local runs the job on this one machine'),
-    (['--nodes', '2'], '--nodes 2: without sbatch here submitit runs the job on this one machine'),
+    (['--nodes', '2'], '--nodes 2: without srun here submitit runs the job on this one machine'),
     (['--resume', 'missing.pth', '--eval'], '--resume missing.pth: no such file'),
     (['--finetune', 'missing.pth'], '--finetune missing.pth: no such file'),
 ])
