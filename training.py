@@ -120,6 +120,14 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
         broadcast_buffers=any(name in saved for name, _ in model.named_buffers()))
 
 
+def without_ddp(model: nn.Module) -> nn.Module:
+    """The model a DDP wrapper holds, for evaluation: a DDP forward after training broadcasts
+    the buffers, a collective that hangs when a process has no evaluation batch (a validation
+    set smaller than the processes under --dist-eval). A compiled model is kept as it is."""
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return model.module if is_ddp else model
+
+
 @dataclass
 class TrainingState:
     """Everything a training step changes, which a checkpoint must hold to continue exactly."""
@@ -325,7 +333,7 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
                     _stop(state, loop, train_stats['stopped_by'], epoch,
                           train_stats['stopped_after'], run_args)
                 state.lr_scheduler.step(epoch)
-                test_stats = evaluate(val_loader, model, loop.device,
+                test_stats = evaluate(val_loader, without_ddp(model), loop.device,
                                       keep_rate=train_stats.get('keep_rate'),
                                       amp_dtype=loop.amp_dtype, sharded=loop.sharded_eval,
                                       token_counts=loop.token_counts)

@@ -152,12 +152,14 @@ def test_visualize_mask_under_torchrun_writes_each_image_once(tiny_checkpoint, t
 
 # Two training steps of timm's resnet10t under wrap_distributed: different images on each rank,
 # then the same images on both. Each forward starts from rank 0's BatchNorm statistics, so after
-# the second step the ranks hold the same ones (each its own, without the broadcast).
+# the second step the ranks hold the same ones (each its own, without the broadcast). Then only
+# rank 0 evaluates a batch (a validation set smaller than the processes): through the DDP wrapper
+# its forward would wait for rank 1 in a broadcast of the buffers.
 BUFFERS_SCRIPT = '''
-import sys
+import datetime, sys
 import timm, torch, torch.distributed as dist, torch.nn.functional as F
 import training
-dist.init_process_group('gloo')
+dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=30))
 rank = dist.get_rank()
 torch.manual_seed(0)
 model = training.wrap_distributed(timm.create_model('resnet10t', num_classes=3), torch.device('cpu'))
@@ -169,6 +171,11 @@ mean = next(buffer for name, buffer in model.module.named_buffers()
 gathered = [torch.empty_like(mean) for _ in range(2)]
 dist.all_gather(gathered, mean)
 print('SAME' if torch.equal(*gathered) else 'DIFFERENT', float((gathered[0] - gathered[1]).abs().max()))
+with torch.no_grad():
+    if rank == 0:
+        training.without_ddp(model).eval()(images)
+dist.barrier()
+print('EVALUATED')
 dist.destroy_process_group()
 '''
 
@@ -177,4 +184,4 @@ def test_batch_norm_statistics_follow_rank_0_under_ddp(tmp_path):
     script = tmp_path / 'buffers.py'
     script.write_text(BUFFERS_SCRIPT)
     output = run_ok(torchrun(script=script))
-    assert output.count('SAME') == 2, output[-2000:]
+    assert output.count('SAME') == 2 and output.count('EVALUATED') == 2, output[-2000:]
