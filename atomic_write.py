@@ -119,8 +119,7 @@ def _held_lock(staging: str) -> Iterator[None]:
     except ImportError:  # Windows: the cleanup is skipped there
         yield
         return
-    fd = os.open(staging, os.O_RDONLY)
-    try:
+    with _descriptor(staging) as fd:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -130,47 +129,40 @@ def _held_lock(staging: str) -> Iterator[None]:
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 fcntl.flock(fd, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)
 
 
 def _is_locked(folder: str) -> bool:
-    """Whether a live writer holds ``folder``'s lock (``_held_lock``)."""
+    """Whether a live writer holds ``folder``'s lock (``_held_lock``); a folder that cannot be
+    opened, or locked for another reason (a file system without locks), is not."""
     import fcntl
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:  # any other error: a file system without locks (_held_lock)
+        with _descriptor(folder) as fd:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
         return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    return False
+
+
+@contextlib.contextmanager
+def _descriptor(path: str) -> Iterator[int]:
+    """A read-only descriptor of the file or folder ``path``, closed when the block ends."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
     finally:
         os.close(fd)
-    return False
 
 
 def _fsync_file(path: str) -> None:
     """Make a written file's data durable before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _descriptor(path) as fd:
         os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_directory(directory: str) -> None:
     """Persist a rename; some platforms (Windows) cannot open directories, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
+    with contextlib.suppress(OSError), _descriptor(directory) as fd:
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -192,7 +184,8 @@ def _remove_stale_temporaries(directory: str, name: str) -> None:
     folder behind (a plain file, in earlier versions), a checkpoint's worth of disk each time.
     Those whose writer (the pid in their name) is no longer running on this host are removed,
     and so are this pid's own (a pid reused after a restart) but those in use in this process,
-    unless a live writer holds the folder's lock. Skipped on Windows, where probing a pid with os.kill would terminate it.
+    unless a live writer holds the folder's lock. Skipped on Windows, where probing a pid with
+    os.kill would terminate it.
     """
     if os.name == 'nt':
         return
