@@ -123,9 +123,13 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
 def without_ddp(model: nn.Module) -> nn.Module:
     """The model a DDP wrapper holds, for evaluation: a DDP forward after training broadcasts
     the buffers, a collective that hangs when a process has no evaluation batch (a validation
-    set smaller than the processes under --dist-eval). A compiled model is kept as it is."""
-    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    return model.module if is_ddp else model
+    set smaller than the processes under --dist-eval). A compiled DDP model gives the held
+    model compiled (its own graphs: evaluation is traced apart from training anyway)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    compiled = getattr(model, '_orig_mod', None)  # what torch.compile wrapped
+    if isinstance(compiled, ddp):
+        return torch.compile(compiled.module)
+    return model.module if isinstance(model, ddp) else model
 
 
 @dataclass
@@ -316,6 +320,7 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
     print(f'Start training for {loop.epochs} epochs')
     start_time = time.time()
     test_stats = None
+    eval_model = without_ddp(model)
     try:
         with StopSignals(loop.device) as stop:
             for epoch in range(start_epoch, loop.epochs):
@@ -333,7 +338,7 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
                     _stop(state, loop, train_stats['stopped_by'], epoch,
                           train_stats['stopped_after'], run_args)
                 state.lr_scheduler.step(epoch)
-                test_stats = evaluate(val_loader, without_ddp(model), loop.device,
+                test_stats = evaluate(val_loader, eval_model, loop.device,
                                       keep_rate=train_stats.get('keep_rate'),
                                       amp_dtype=loop.amp_dtype, sharded=loop.sharded_eval,
                                       token_counts=loop.token_counts)

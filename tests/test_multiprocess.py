@@ -154,7 +154,8 @@ def test_visualize_mask_under_torchrun_writes_each_image_once(tiny_checkpoint, t
 # then the same images on both. Each forward starts from rank 0's BatchNorm statistics, so after
 # the second step the ranks hold the same ones (each its own, without the broadcast). Then only
 # rank 0 evaluates a batch (a validation set smaller than the processes): through the DDP wrapper
-# its forward would wait for rank 1 in a broadcast of the buffers.
+# its forward would wait for rank 1 in a broadcast of the buffers; so would a compiled DDP model's
+# (under --compile).
 BUFFERS_SCRIPT = '''
 import datetime, sys
 import timm, torch, torch.distributed as dist, torch.nn.functional as F
@@ -171,9 +172,12 @@ mean = next(buffer for name, buffer in model.module.named_buffers()
 gathered = [torch.empty_like(mean) for _ in range(2)]
 dist.all_gather(gathered, mean)
 print('SAME' if torch.equal(*gathered) else 'DIFFERENT', float((gathered[0] - gathered[1]).abs().max()))
+compiled = training.without_ddp(torch.compile(model))
+print('UNWRAPPED' if compiled._orig_mod is model.module else 'STILL DDP')
 with torch.no_grad():
     if rank == 0:
-        training.without_ddp(model).eval()(images)
+        for evaluated in (training.without_ddp(model), compiled):
+            evaluated.eval()(images)
 dist.barrier()
 print('EVALUATED')
 dist.destroy_process_group()
@@ -185,3 +189,4 @@ def test_batch_norm_statistics_follow_rank_0_under_ddp(tmp_path):
     script.write_text(BUFFERS_SCRIPT)
     output = run_ok(torchrun(script=script))
     assert output.count('SAME') == 2 and output.count('EVALUATED') == 2, output[-2000:]
+    assert output.count('UNWRAPPED') == 2, output[-2000:]
