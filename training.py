@@ -3,6 +3,7 @@ settings; the run's state saved to and restored from a checkpoint, at an epoch's
 epoch; the epoch loop; and preemption by SIGTERM or SIGUSR1, which ends the run with a mid-epoch
 checkpoint from which ``--resume`` continues exactly."""
 import datetime
+import inspect
 import json
 import os
 import signal
@@ -113,11 +114,14 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` under DistributedDataParallel (one device per process on CUDA). Buffers a
     checkpoint saves can change in training (a CNN's BatchNorm statistics): rank 0's go to
     every process at each training forward, as in DeiT. MTViT's buffers are constants of its
-    grid, not saved, and not broadcast."""
+    grid, not saved, and not broadcast at each forward."""
     saved = model.state_dict()
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None,
-        broadcast_buffers=any(name in saved for name, _ in model.named_buffers()))
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # PyTorch 2.14 renamed the option (the old name warns at every start); 2.11 knows the old one.
+    option = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(ddp).parameters
+              else 'broadcast_buffers')
+    return ddp(model, device_ids=[device.index] if device.type == 'cuda' else None,
+               **{option: any(name in saved for name, _ in model.named_buffers())})
 
 
 def without_ddp(model: nn.Module) -> nn.Module:
