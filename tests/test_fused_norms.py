@@ -53,27 +53,28 @@ def rounding_excess(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out - expected).abs() - step * expected.abs()).max().clamp(min=0).item()
 
 
-def _kernel_report() -> list:
-    """Each KERNEL_CASES case through ``launch_layer_norm`` and through the plain operations
-    (``mtvit::`` CPU kernels): whether the sums are equal, ``rounding_excess`` of the norms and
-    the share of equal elements."""
+def compare_kernel_cases(device: str = 'cpu') -> list:
+    """Each KERNEL_CASES case through ``launch_layer_norm`` on ``device`` (the CPU: Triton's
+    interpreter) and through the plain operations (``mtvit::`` CPU kernels): whether the sums
+    are equal, ``rounding_excess`` of the norms and the share of equal elements."""
     results = []
     gen = torch.Generator().manual_seed(0)
     for shape, branch_type, out_type, layout in KERNEL_CASES:
         out_dtype = getattr(torch, out_type)
-        x = _laid_out(torch.randn(shape, generator=gen) * 3 + 1, layout)
+        x = _laid_out((torch.randn(shape, generator=gen) * 3 + 1).to(device), layout)
         branch = None if branch_type is None else _laid_out(
-            torch.randn(shape, generator=gen).to(getattr(torch, branch_type)), layout)
+            torch.randn(shape, generator=gen).to(device, getattr(torch, branch_type)), layout)
         cols = shape[-1]
-        weight, bias = torch.randn(cols, generator=gen), torch.randn(cols, generator=gen)
+        weight, bias = (torch.randn(cols, generator=gen).to(device) for _ in range(2))
         total, out = fused_norms.launch_layer_norm(x, branch, weight, bias, 1e-6, out_dtype)
+        x, weight, bias, out = x.cpu(), weight.cpu(), bias.cpu(), out.cpu()
         if branch is None:
             sums_equal = total is None
             expected = torch.ops.mtvit.layer_norm_to(x, weight, bias, 1e-6, out_dtype)
         else:
             expected_total, expected = torch.ops.mtvit.add_layer_norm_to(
-                x, branch, weight, bias, 1e-6, out_dtype)
-            sums_equal = torch.equal(total, expected_total)
+                x, branch.cpu(), weight, bias, 1e-6, out_dtype)
+            sums_equal = torch.equal(total.cpu(), expected_total)
         results.append(dict(
             sums_equal=sums_equal, dtype=str(out.dtype), shape=list(out.shape),
             contiguous=out.is_contiguous(),
@@ -84,7 +85,7 @@ def _kernel_report() -> list:
 
 @pytest.fixture(scope='module')
 def kernel_report():
-    """``_kernel_report`` in a process of its own: Triton's interpreter is chosen when Triton
+    """``compare_kernel_cases`` in a process of its own: Triton's interpreter is chosen when Triton
     is imported."""
     env = dict(os.environ, TRITON_INTERPRET='1')
     done = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
@@ -272,4 +273,4 @@ def test_fused_operations_have_shapes_for_fake_tensors():
 
 
 if __name__ == '__main__':
-    print(json.dumps(_kernel_report()))
+    print(json.dumps(compare_kernel_cases()))

@@ -1,0 +1,129 @@
+"""Checks that need a CUDA device, skipped elsewhere (``.ci/gpu`` runs them on a GPU machine):
+the model's float32 values on the GPU's kernels against the CPU's, the fused norms' Triton
+kernels inside the model, a half-precision training step, and compilation for CUDA. The CPU
+suite tests the CUDA code paths themselves (``matmul_ops.cuda_forms``); these test the kernels.
+
+Run: ``python -m pytest tests/test_cuda.py -q`` from the repository root.
+"""
+import contextlib
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fused_norms
+from mtvit_reference import images, make_model, tiny_kwargs
+from test_fused_norms import KERNEL_CASES, compare_kernel_cases
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+CUDA = torch.device('cuda')
+MTVIT_S = 'deit_small_patch16_shrink_base'
+VARIANTS = {'multi-scale k0.7': dict(multi_scale=True, base_keep_rate=0.7),
+            'single scale k0.7': dict(base_keep_rate=0.7),
+            'keep 1': dict(base_keep_rate=1.0)}
+# Enough images for the fused norms to run (FUSED_MIN_ROWS tokens: 4096).
+FUSED_BATCH = 32
+
+
+@contextlib.contextmanager
+def _float32_kernels():
+    """cuBLAS and cuDNN in full float32 (no TF32), as the CPU computes."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float().cpu() - expected.float().cpu()).abs().max()
+                 / expected.float().abs().max())
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_float32_logits_equal_the_cpus(variant):
+    # The GPU measured 3e-6 to 3e-5 on an H200: the same kept tokens at every reduction.
+    model = make_model(seed=5, name=MTVIT_S, double=False, **VARIANTS[variant])
+    x = images(3, 224, seed=5, double=False)
+    with torch.no_grad(), _float32_kernels():
+        expected = model(x)
+        got = model.to(CUDA)(x.to(CUDA))
+    assert _relative_difference(got, expected) < 1e-4
+
+
+@pytest.mark.skipif(fused_norms.triton is None, reason='needs Triton')
+def test_fused_norm_kernel_on_the_gpu_equals_the_plain_operations():
+    # As the interpreter's test, and bf16 too: a GPU rounds to the nearest, as aten does.
+    for case, result in zip(KERNEL_CASES, compare_kernel_cases('cuda')):
+        assert result['sums_equal'], case
+        assert result['excess'] <= 1e-5, (case, result)
+        assert result['equal_share'] >= 0.99, (case, result)
+
+
+@pytest.mark.skipif(fused_norms.triton is None, reason='needs Triton')
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('variant', ['multi-scale k0.7', 'keep 1'])
+def test_fused_norms_give_the_plain_norms_logits(variant, dtype, monkeypatch):
+    launches = []
+    launch = fused_norms.launch_layer_norm
+
+    def counted(*args, **kwargs):
+        launches.append(args[0].shape)
+        return launch(*args, **kwargs)
+    monkeypatch.setattr(fused_norms, 'launch_layer_norm', counted)
+    plain = make_model(seed=6, name=MTVIT_S, double=False, **VARIANTS[variant]).to(CUDA)
+    fused = make_model(seed=6, name=MTVIT_S, double=False, fused_norms=True,
+                       **VARIANTS[variant]).to(CUDA)
+    fused.load_state_dict(plain.state_dict())
+    x = images(FUSED_BATCH, 224, seed=6, double=False).to(CUDA)
+    with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
+        expected = plain(x)
+        assert not launches
+        got = fused(x)
+    # Two norms per block; blocks whose tokens fall below FUSED_MIN_ROWS keep the plain ones.
+    assert len(launches) >= 2 * 3, launches
+    assert torch.isfinite(got).all()
+    assert _relative_difference(got, expected) < 1e-2
+    assert (got.argmax(dim=1) == expected.argmax(dim=1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('multi_scale', [True, False])
+def test_half_precision_training_step_gives_every_parameter_a_finite_gradient(multi_scale, dtype):
+    model = make_model(seed=7, double=False, train=True, **tiny_kwargs(
+        img_size=64, patch_size=16, drop_loc=(3, 4), multi_scale=multi_scale)).to(CUDA)
+    x = images(3, 64, seed=7, double=False).to(CUDA)
+    with torch.autocast('cuda', dtype=dtype):
+        logits = model(x)
+    # fp16 as training runs it: the loss scaled, the gradients unscaled.
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2], device=CUDA)
+                                      ).mul(2. ** 10).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+    assert any(bool(param.grad.abs().sum() > 0) for param in model.parameters())
+
+
+def test_compile_for_cuda_matches_eager_and_token_counts_bound_recompilations():
+    model = make_model(seed=8, double=False, **tiny_kwargs(
+        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), multi_scale=True)).to(CUDA)
+    x = images(2, 64, seed=8, double=False).to(CUDA)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(model, fullgraph=True)
+        graphs = []
+        for rate in (1.0, 0.7, 0.5):
+            counts = model.token_counts(rate)
+            with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+                expected = model(x, tokens=counts)
+                got = compiled(x, tokens=counts)
+            assert torch.isfinite(got).all()
+            assert _relative_difference(got, expected) < 1e-2, rate
+            graphs.append(counters['stats']['unique_graphs'])
+        assert graphs[-1] <= 3, graphs
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
