@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic_write import replacing
 from launch_env import parse_device
 from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline
 from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast
@@ -386,9 +387,8 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
     """Times ``models`` interleaved in one ``mode`` and batch size; returns one record each
     (median images/s, every round, ratio to the first model, latency, peak memory)."""
     amp_dtype = AMP_DTYPES[args.amp]
-    images = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device).contiguous(
+        memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     timed, compile_seconds, compile_record = [], {}, {}
     for spec, model in models.items():
         step = (inference_step(model, images, amp_dtype) if mode == 'inference'
@@ -463,8 +463,8 @@ def print_records(records: Sequence[dict], device: torch.device):
 
 
 def _write_json(path: Optional[str], device: torch.device, records: List[dict]):
-    if path:
-        with open(path, 'w') as handle:
+    if path:  # replaced whole: a run stopped while writing leaves the last parts' records
+        with replacing(path) as staged, open(staged, 'w') as handle:
             json.dump({'environment': environment(device), 'records': records}, handle, indent=1)
 
 

@@ -448,6 +448,20 @@ def test_speed_test_counts_operations_per_block():
     assert counts[2] - counts[1] == counts[1] - counts[0] > 5
 
 
+def test_speed_test_json_is_replaced_whole(monkeypatch, tmp_path):
+    # A suite writes its JSON after each part: a run stopped while writing keeps the last one.
+    import speed_test
+    path = tmp_path / 'suite.json'
+    speed_test._write_json(str(path), torch.device('cpu'), [{'model': 'first part'}])
+    written = path.read_text()
+    monkeypatch.setattr(speed_test, 'environment', lambda device: {'unwritable': object()})
+    with pytest.raises(TypeError):
+        speed_test._write_json(str(path), torch.device('cpu'), [{'model': 'second part'}])
+    assert path.read_text() == written
+    assert json.loads(written)['records'] == [{'model': 'first part'}]
+    assert [entry.name for entry in tmp_path.iterdir()] == ['suite.json']
+
+
 def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
     # The README's GPU table, shrunk to tiny models on the CPU: compile times (each in a fresh
     # process), then every row of the table, eager and compiled, all recorded in the JSON.
