@@ -269,6 +269,40 @@ class DepthwiseConv2d(nn.Conv2d):
         return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
 
 
+class _StandardGradientStrides(torch.autograd.Function):
+    """The identity on a weight, whose gradient comes back with standard strides. oneDNN and
+    cuDNN give a 1x1 convolution of channels-last input a weight gradient strided differently
+    on its size-1 dimensions: the same memory, but DDP compares strides with its buckets' and
+    warns on every process."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(-1).view(ctx.shape)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 convolution with bias whose weight gradient has the weight's strides (see
+    ``_StandardGradientStrides``)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        if (not torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling()):
+            return super().forward(x)
+        return self._conv_forward(x, _StandardGradientStrides.apply(self.weight), self.bias)
+
+
 class LargeKernelConv(nn.Module):
     """Depthwise 3x3, depthwise 7x7 dilated by 2, then pointwise 1x1: a large receptive field
     at a small cost. (B, C, H, W) -> (B, C, H, W)."""
@@ -277,7 +311,7 @@ class LargeKernelConv(nn.Module):
         super().__init__()
         self.conv0 = DepthwiseConv2d(dim, 3)
         self.conv_spatial = DepthwiseConv2d(dim, 7, dilation=2)
-        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.conv1 = PointwiseConv2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""

@@ -527,10 +527,9 @@ def test_class_attention_under_bfloat16_autocast():
 def test_parameter_gradients_have_the_parameters_strides(forms):
     # DDP compares each gradient's strides with its bucket's (the parameter's) and warns on
     # every process where they differ, as they did for the position tables on CUDA (seen on an
-    # H200 with nccl): their gradients were slices of a (1, N_low + N, C) concatenation's.
-    # torch's own nn.Conv2d on the CPU is left out: oneDNN chooses its weight gradient's
-    # layout by the thread count (with two threads the 1x1 convolution's differs), only on
-    # size-1 dimensions.
+    # H200 with nccl): their gradients were slices of a (1, N_low + N, C) concatenation's; and
+    # on the CPU for the fusion's 1x1 convolution, whose weight gradient oneDNN strides by the
+    # thread count (with two threads, differently on the size-1 dimensions).
     model = make_model(seed=2, double=False, train=True, **tiny_kwargs(
         patch_size=16, img_size=64, drop_loc=(3,), base_keep_rate=0.6, multi_scale=True))
     threads = torch.get_num_threads()
@@ -540,14 +539,6 @@ def test_parameter_gradients_have_the_parameters_strides(forms):
             model(images(2, 64, seed=3, double=False)).logsumexp(dim=1).sum().backward()
     finally:
         torch.set_num_threads(threads)
-    strided = {}
-    for name, param in model.named_parameters():
-        if param.grad.stride() == param.stride():
-            continue
-        owner = model.get_submodule(name.rpartition('.')[0])
-        if forms == 'cpu' and type(owner) is nn.Conv2d:
-            assert all(size == 1 for size, got, own in zip(
-                param.shape, param.grad.stride(), param.stride()) if got != own), name
-            continue
-        strided[name] = (param.grad.stride(), param.stride())
+    strided = {name: (param.grad.stride(), param.stride())
+               for name, param in model.named_parameters() if param.grad.stride() != param.stride()}
     assert not strided, strided
