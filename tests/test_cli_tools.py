@@ -448,6 +448,20 @@ def test_speed_test_counts_operations_per_block():
     assert counts[2] - counts[1] == counts[1] - counts[0] > 5
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal where no GPU is')
+def test_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
+    # .ci/gpu is run only on GPU machines: here, that it parses, asks for a part, and stops
+    # before any step where there is no CUDA device.
+    script = str(REPO_ROOT / '.ci' / 'gpu')
+    assert subprocess.run(['bash', '-n', script]).returncode == 0
+    usage = subprocess.run(['bash', script], capture_output=True, text=True)
+    assert usage.returncode != 0 and 'usage: .ci/gpu eager|' in usage.stderr
+    out = tmp_path / 'results'
+    refused = subprocess.run(['bash', script, 'eager', str(out)], capture_output=True, text=True)
+    assert refused.returncode == 1 and 'no CUDA device here' in refused.stderr
+    assert list(out.iterdir()) == []
+
+
 def test_speed_test_json_is_replaced_whole(monkeypatch, tmp_path):
     # A suite writes its JSON after each part: a run stopped while writing keeps the last one.
     import speed_test
