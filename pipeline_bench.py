@@ -166,8 +166,8 @@ def time_round(loader, epoch: int, images: int, device: torch.device) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Times both loaders; returns seconds per image of each (median round) and the median of
-    the rounds' ratios."""
+    """Times both loaders; returns seconds per image of each (median round), the median of
+    the rounds' ratios and the device the batches went to."""
     from main import build_loaders
     from utils import DistState, resolve_device
 
@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     # The median of each round's own ratio: the two loaders of a round see the same machine.
     result['ratio'] = statistics.median(
         reference / pipeline for reference, pipeline in zip(times['per-image'], times['pipeline']))
+    result['device'] = str(device)  # --device cuda falls back to the CPU where CUDA is absent
     return result
 
 
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         return 2
     workers = max(args.workers, 1)
     print(f'{args.data_set} {args.data_path}, input {args.input_size}, batch {args.batch_size}, '
-          f'{args.workers} worker(s), {"workers only" if args.workers_only else "device " + args.device}, '
+          f'{args.workers} worker(s), {"workers only" if args.workers_only else "device " + result["device"]}, '
           f'{args.main_flags or "main.py defaults"}, median of {args.rounds} rounds of {args.images} images')
     for name in ('per-image', 'pipeline'):
         per_worker = 1 / result[name] / workers

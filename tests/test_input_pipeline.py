@@ -396,7 +396,8 @@ def test_tensor_images_equal_pil_images(tmp_path, data_set):
 
 def test_bench_prints_both_pipelines_and_their_ratio(tmp_path):
     """`python datasets.py bench --sample-photos`: the photographs written, one line per
-    pipeline, and a ratio that is the quotient of the two figures."""
+    pipeline, and a ratio that is the quotient of the two figures; the header names the device
+    the batches went to (the CPU where --device cuda has no GPU)."""
     import re
     import subprocess
     import sys
@@ -406,9 +407,10 @@ def test_bench_prints_both_pipelines_and_their_ratio(tmp_path):
     result = subprocess.run(
         [sys.executable, 'datasets.py', 'bench', '--data-path', str(data), '--sample-photos',
          '--sample-copies', '2', '--input-size', '48', '--batch-size', '8', '--images', '16',
-         '--rounds', '1', '--workers', '0'], cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=300)
+         '--rounds', '1', '--workers', '0', '--device', 'cuda'], cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert f', device {"cuda" if torch.cuda.is_available() else "cpu"}, ' in result.stdout
     assert len(list((data / 'train').glob('*/*.jpg'))) == 26
     assert len(list((data / 'val').glob('*/*.jpg'))) == 13
     rates = {name: float(value) for name, value in
