@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--sample-photos', action='store_true',
                         help="first write scikit-image's sample photographs, JPEG at 500x375, as "
                              'an ImageFolder tree in --data-path')
-    parser.add_argument('--sample-copies', type=int, default=SAMPLE_COPIES,
+    parser.add_argument('--sample-copies', type=POSITIVE_INT, default=SAMPLE_COPIES,
                         help='copies of each photograph --sample-photos writes (13 photographs)')
     return parser
 
@@ -201,10 +201,7 @@ def main(argv=None) -> int:
     from datasets import DatasetError
     from main import UsageError
 
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.sample_copies < 1:
-        parser.error(f'--sample-copies must be at least 1, got {args.sample_copies}')
+    args = get_args_parser().parse_args(argv)
     try:
         if args.sample_photos:
             written = write_sample_photos(args.data_path, args.sample_copies)

@@ -421,7 +421,7 @@ def test_bench_prints_both_pipelines_and_their_ratio(tmp_path):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--sample-copies', '0'], '--sample-copies must be at least 1, got 0'),
+    (['--sample-copies', '0'], 'argument --sample-copies: 0 is not a positive integer'),
     (['--main-flags=--aa none --gpu-augment'], '--gpu-augment runs RandAugment on the device'),
 ])
 def test_bench_errors_are_one_line(tmp_path, flags, message):
