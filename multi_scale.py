@@ -270,10 +270,11 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 class _StandardGradientStrides(torch.autograd.Function):
-    """The identity on a weight, whose gradient comes back with standard strides. oneDNN and
-    cuDNN give a 1x1 convolution of channels-last input a weight gradient strided differently
-    on its size-1 dimensions: the same memory, but DDP compares strides with its buckets' and
-    warns on every process."""
+    """The identity on a weight, whose gradient comes back with standard strides. oneDNN gives
+    the fusion's 1x1 convolution, whose input is a channels-last view of tokens, a weight
+    gradient strided by the thread count (with two threads, differently on the size-1
+    dimensions): the same memory, but DDP compares strides with its buckets' and warns on
+    every process."""
 
     @staticmethod
     def forward(weight: torch.Tensor) -> torch.Tensor:

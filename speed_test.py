@@ -52,6 +52,7 @@ ROOFLINE_BATCH = 256
 AMP_DTYPES = {'none': None, 'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 """--amp's choices; 'fp32' (main.py's name) is 'none', no autocast."""
 GIB = 2 ** 30
+PROFILE_NAME_WIDTH = 100  # characters of an op's or kernel's name on a --profile line
 
 DEIT_S = 'deit_small_patch16_224'
 MTVIT_S_MULTI = 'deit_small_patch16_shrink_base:multi_scale=true:base_keep_rate=0.7'
@@ -201,9 +202,7 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int,
     from torch.profiler import ProfilerActivity, profile
     step()
     synchronize(device)
-    activities = [ProfilerActivity.CPU]
-    if device.type == 'cuda':
-        activities.append(ProfilerActivity.CUDA)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
@@ -459,7 +458,7 @@ def print_records(records: Sequence[dict], device: torch.device):
               f'ratio {record["ratio"]:.3f}{extra}', flush=True)
         for row in record.get('profile', ()):
             print(f'      {row["where"]:>6} {row["ms_per_step"]:8.3f} ms '
-                  f'{row["calls_per_step"]:6.1f}x  {row["name"][:100]}')
+                  f'{row["calls_per_step"]:6.1f}x  {row["name"][:PROFILE_NAME_WIDTH]}')
 
 
 def _write_json(path: Optional[str], device: torch.device, records: List[dict]):
