@@ -430,9 +430,9 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
     return records
 
 
-def compile_models(models: Dict[str, nn.Module], args) -> Dict[str, nn.Module]:
-    """Each model under ``torch.compile`` in ``--compile-mode``."""
-    return {spec: torch.compile(model, mode=args.compile_mode) for spec, model in models.items()}
+def compile_models(models: Dict[str, nn.Module], mode: Optional[str]) -> Dict[str, nn.Module]:
+    """Each model under ``torch.compile`` in ``mode`` (``--compile-mode``; None: the default)."""
+    return {spec: torch.compile(model, mode=mode) for spec, model in models.items()}
 
 
 def print_records(records: Sequence[dict], device: torch.device):
@@ -523,7 +523,7 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
         models = _build_models(specs, args.num_classes, args.input_size,
                                args.channels_last, device)
         if compiled:
-            models = compile_models(models, args)
+            models = compile_models(models, args.compile_mode)
         for batch_size in batch_sizes:
             rows = compare(models, mode, batch_size, part_args, device, settings, compiled)
             print_records(rows, device)
@@ -578,7 +578,7 @@ def main(args: argparse.Namespace) -> List[dict]:
         _write_json(args.json, device, records)
         return records
     if args.compile:
-        models = compile_models(models, args)
+        models = compile_models(models, args.compile_mode)
     batch_sizes = args.batch_size or [defaults['batch_size']]
     for mode in modes:
         for batch_size in batch_sizes:
