@@ -274,7 +274,9 @@ class _StandardGradientStrides(torch.autograd.Function):
     the fusion's 1x1 convolution, whose input is a channels-last view of tokens, a weight
     gradient strided by the thread count (with two threads, differently on the size-1
     dimensions): the same memory, but DDP compares strides with its buckets' and warns on
-    every process."""
+    every process. Double backward, forward-mode derivatives and vmap work, as for nn.Conv2d."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(weight: torch.Tensor) -> torch.Tensor:
@@ -287,6 +289,10 @@ class _StandardGradientStrides(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.reshape(-1).view(ctx.shape)
+
+    @staticmethod
+    def jvp(ctx, weight_tangent: torch.Tensor) -> torch.Tensor:
+        return weight_tangent
 
 
 class PointwiseConv2d(nn.Conv2d):

@@ -189,22 +189,40 @@ def test_depthwise_conv_backward_equals_conv2d(kernel, dilation, layout):
     assert half.dtype == torch.bfloat16 and type(half.grad_fn).__name__ == 'ConvolutionBackward0'
 
 
-def test_depthwise_conv_higher_derivatives_equal_conv2d():
-    # What nn.Conv2d's autograd offers, the faster backward does too: double backward (gradient
-    # penalties), torch.func's grad and vmap (per-sample gradients), forward-mode jvp.
+def _graph_names(grad_fn) -> set:
+    """The names of the autograd nodes behind ``grad_fn``, itself included."""
+    names, stack = set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack += [child for child, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize('kind', ['depthwise', 'pointwise'])
+def test_custom_conv_backwards_give_conv2d_higher_derivatives(kind):
+    # What nn.Conv2d's autograd offers, the custom backwards (the depthwise convolution's faster
+    # one, the pointwise one's gradient strides) do too: double backward (gradient penalties),
+    # torch.func's grad and vmap (per-sample gradients), forward-mode jvp.
     torch.manual_seed(5)
-    conv = multi_scale.DepthwiseConv2d(3, 7, dilation=2).double()
+    build, node = {'depthwise': (lambda dim: multi_scale.DepthwiseConv2d(dim, 7, dilation=2),
+                                 '_SameDepthwiseConvBackward'),
+                   'pointwise': (multi_scale.PointwiseConv2d,
+                                 '_StandardGradientStridesBackward')}[kind]
+    conv = build(3).double()
     x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
     params = (conv.weight, conv.bias)
 
     def plain(x, weight, bias):
-        return F.conv2d(x, weight, bias, padding=conv.padding, dilation=conv.dilation, groups=3)
+        return F.conv2d(x, weight, bias, padding=conv.padding, dilation=conv.dilation,
+                        groups=conv.groups)
 
     def fast(x, weight, bias):
         return torch.func.functional_call(conv, {'weight': weight, 'bias': bias}, (x,))
 
-    assert type(fast(x, *params).grad_fn).__name__ == '_SameDepthwiseConvBackward'
-    small = multi_scale.DepthwiseConv2d(2, 3, dilation=2).double()  # numerical checks: small
+    assert node in _graph_names(fast(x, *params).grad_fn)
+    small = build(2).double()  # numerical checks: small
     assert torch.autograd.gradgradcheck(
         lambda x, weight, bias: torch.func.functional_call(small, {'weight': weight, 'bias': bias},
                                                            (x,)),
