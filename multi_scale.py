@@ -189,6 +189,21 @@ run as per-channel matrix products on CUDA: the matrices take C * (gh * gw)^2 el
 in half precision for MTViT-S at 224, 255 MB at 384), the tap placements 58 * (gh * gw)^2."""
 
 
+def _own_backward_applies() -> bool:
+    """Whether a convolution's own autograd Function runs: a gradient is taken, eagerly (tracers
+    and compilers get nn.Conv2d's operations, which they differentiate themselves)."""
+    return (torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
+
+
+def _with_standard_strides(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A convolution's weight gradient viewed with the standard strides of ``shape``, the
+    weight's. oneDNN strides it by the input's layout and the thread count, differently on
+    size-1 dimensions: the same memory, which is_contiguous ignores (so .contiguous() keeps
+    them), but DDP compares strides with its buckets' and warns on every process."""
+    return grad.reshape(-1).view(shape)
+
+
 class _SameDepthwiseConv(torch.autograd.Function):
     """A stride-1 depthwise convolution with 'same' padding (``dilation * (kernel - 1) / 2``),
     whose input gradient is the forward convolution of the output gradient with the flipped
@@ -219,11 +234,8 @@ class _SameDepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.flip(2, 3), **ctx.geometry)
         if ctx.needs_input_grad[1]:
-            # Given the weight's (standard) strides: oneDNN's differ on the size-1 dimension,
-            # which is_contiguous ignores (so .contiguous() keeps them) but DDP compares with
-            # its buckets' (it warns on every process).
-            grad_weight = torch.nn.grad.conv2d_weight(
-                x, weight.shape, grad, **ctx.geometry).reshape(-1).view(weight.shape)
+            grad_weight = _with_standard_strides(torch.nn.grad.conv2d_weight(
+                x, weight.shape, grad, **ctx.geometry), weight.shape)
         if ctx.needs_input_grad[2]:
             # The spatial sum first: the gradient may be a strided view (B, C, H, W) of tokens
             # (B, 1 + H * W, C), over which one three-dimension reduction runs 25 times slower.
@@ -258,9 +270,8 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         # Autocast does not reach into an autograd Function: under it, nn.Conv2d's casts.
-        if (not uses_cpu_forms(x) or not torch.is_grad_enabled() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')
-                or self.padding != self._same_padding()):
+        if (not uses_cpu_forms(x) or not _own_backward_applies()
+                or torch.is_autocast_enabled('cpu') or self.padding != self._same_padding()):
             return super().forward(x)
         return _SameDepthwiseConv.apply(x, self.weight, self.bias, self.padding[0],
                                         self.dilation[0])
@@ -270,11 +281,10 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 class _StandardGradientStrides(torch.autograd.Function):
-    """The identity on a weight, whose gradient comes back with standard strides. oneDNN gives
-    the fusion's 1x1 convolution, whose input is a channels-last view of tokens, a weight
-    gradient strided by the thread count (with two threads, differently on the size-1
-    dimensions): the same memory, but DDP compares strides with its buckets' and warns on
-    every process. Double backward, forward-mode derivatives and vmap work, as for nn.Conv2d."""
+    """The identity on a weight, whose gradient comes back with standard strides
+    (``_with_standard_strides``): for the fusion's 1x1 convolution, whose input is a
+    channels-last view of tokens, oneDNN's strides differ with two threads. Double backward,
+    forward-mode derivatives and vmap work, as for nn.Conv2d."""
 
     generate_vmap_rule = True
 
@@ -288,7 +298,7 @@ class _StandardGradientStrides(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.reshape(-1).view(ctx.shape)
+        return _with_standard_strides(grad, ctx.shape)
 
     @staticmethod
     def jvp(ctx, weight_tangent: torch.Tensor) -> torch.Tensor:
@@ -304,8 +314,7 @@ class PointwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
-        if (not torch.is_grad_enabled() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling()):
+        if not _own_backward_applies():
             return super().forward(x)
         return self._conv_forward(x, _StandardGradientStrides.apply(self.weight), self.bias)
 
