@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import fused_norms
 from mtvit_reference import images, make_model, tiny_kwargs
+from test_compile import _fresh_dynamo, _tiny_multi_scale
 from test_fused_norms import KERNEL_CASES, compare_kernel_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -117,12 +118,9 @@ def test_half_precision_training_step_gives_every_parameter_a_finite_gradient(mu
 
 
 def test_compile_for_cuda_matches_eager_and_token_counts_bound_recompilations():
-    model = make_model(seed=8, double=False, **tiny_kwargs(
-        img_size=64, patch_size=16, depth=5, drop_loc=(3, 4), multi_scale=True)).to(CUDA)
+    model = _tiny_multi_scale(seed=8).to(CUDA)
     x = images(2, 64, seed=8, double=False).to(CUDA)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
+    with _fresh_dynamo():
         compiled = torch.compile(model, fullgraph=True)
         graphs = []
         for rate in (1.0, 0.7, 0.5):
@@ -134,6 +132,3 @@ def test_compile_for_cuda_matches_eager_and_token_counts_bound_recompilations():
             assert _relative_difference(got, expected) < _half_tolerance(torch.bfloat16), rate
             graphs.append(counters['stats']['unique_graphs'])
         assert graphs[-1] <= 3, graphs
-    finally:
-        torch._dynamo.reset()
-        counters.clear()
