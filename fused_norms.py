@@ -48,7 +48,9 @@ FUSED_MIN_ROWS = 4096
 """Fewest rows (tokens of the batch) for the fused kernels. Below, a forward is bound by the
 host's launches rather than by memory traffic, and a Triton launch (its Python binder) costs
 the host more than the two or three aten launches it replaces (MTViT-S: about 20 images of 197
-tokens). Not yet measured on a GPU."""
+tokens). On an H200 (Triton 3.6) a launch cost the host about 80 us against aten's norm's 11:
+at batch 256 that made the reduced MTViT-S models, already as long on the host as on the
+device, slower, and keep 1 faster (README, "Results on NVIDIA GPUs")."""
 
 ROWS_PER_PROGRAM = 4
 """Rows each Triton program normalises: 4 rows of 384 (MTViT-S), padded to 512 columns, give a

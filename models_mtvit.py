@@ -169,8 +169,8 @@ class MTViT(nn.Module):
     the convolutions), True or False to force one. ``fused_norms=True`` runs the blocks' layer
     norms, in evaluation (no gradient) under fp16/bf16 autocast on CUDA, as Triton kernels fused
     with the residual addition before them and the cast after (the same function, the norms
-    within one rounding step of the autocast type; see ``fused_norms``); off by default until
-    measured on a GPU.
+    within one rounding step of the autocast type; see ``fused_norms``); off by default: on an
+    H200 their launches' host time made the reduced models slower at batch 256.
     """
 
     def __init__(

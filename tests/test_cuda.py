@@ -1,7 +1,8 @@
 """Checks that need a CUDA device, skipped elsewhere (``.ci/gpu`` runs them on a GPU machine):
 the model's float32 values on the GPU's kernels against the CPU's, the fused norms' Triton
-kernels inside the model, a half-precision training step, and compilation for CUDA. The CPU
-suite tests the CUDA code paths themselves (``matmul_ops.cuda_forms``); these test the kernels.
+kernels inside the model, a half-precision training step, steps that never make the host wait
+for the device, and compilation for CUDA. The CPU suite tests the CUDA code paths themselves
+(``matmul_ops.cuda_forms``); these test the kernels.
 
 Run: ``python -m pytest tests/test_cuda.py -q`` from the repository root.
 """
@@ -115,6 +116,45 @@ def test_half_precision_training_step_gives_every_parameter_a_finite_gradient(mu
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
     assert any(bool(param.grad.abs().sum() > 0) for param in model.parameters())
+
+
+@contextlib.contextmanager
+def _synchronisations_fail():
+    """Within it, an operation that makes the host wait for the device (a copy to the host,
+    ``.item()``, ``nonzero``, a stream synchronisation) raises instead."""
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+@pytest.mark.parametrize('variant', ['multi-scale k0.7', 'single scale k0.7'])
+def test_steps_never_make_the_host_wait_for_the_device(variant):
+    # The H200's eager training step took as long at batch 128 as at 256: not bound by its
+    # kernels. A synchronisation would serialise the host's launches with the device's work.
+    model = make_model(seed=9, name=MTVIT_S, double=False, fused_norms=True,
+                       **VARIANTS[variant]).to(CUDA)
+    x = images(FUSED_BATCH, 224, seed=9, double=False).to(CUDA)
+    labels = torch.arange(FUSED_BATCH, device=CUDA) % 10
+
+    def train_step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+
+    def inference_step():  # the fused norms' launches included
+        model.eval()
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16):
+            model(x)
+    for step in (train_step, inference_step):
+        step()  # first calls may wait (cuDNN's plans, the allocator's first blocks)
+        torch.cuda.synchronize(CUDA)
+        with _synchronisations_fail():
+            step()
+        torch.cuda.synchronize(CUDA)
 
 
 def test_compile_for_cuda_matches_eager_and_token_counts_bound_recompilations():
