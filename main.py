@@ -66,8 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-force-cpu', action='store_true', default=False)
 
     group = parser.add_argument_group('MTViT')
-    group.add_argument('--base_keep_rate', type=float, default=0.7,
-                       help='keep rate at the reducing blocks')
+    group.add_argument('--base_keep_rate', type=float, default=0.7, help='at the reducing blocks')
     group.add_argument('--drop_loc', type=parse_drop_loc, default=(3, 6, 9),
                        help='blocks that reduce tokens, e.g. "(3, 6, 9)"')
     group.add_argument('--multi-scale', '--multi_scale', dest='multi_scale', action='store_true',
@@ -156,8 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--distillation-tau', default=1.0, type=POSITIVE)
 
     group = parser.add_argument_group('finetuning and data')
-    group.add_argument('--finetune', default='',
-                       help='finetune from checkpoint (.pth or .safetensors)')
+    group.add_argument('--finetune', default='', help='from a checkpoint (.pth or .safetensors)')
     group.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
     group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str)
     group.add_argument('--inat-category', default='name', type=str, choices=(
@@ -176,6 +174,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--compile', action='store_true',
                        help='torch.compile the model for training and evaluation (first steps '
                             'are slower while it compiles)')
+    group.add_argument('--compile-mode', choices=('default', 'reduce-overhead', 'max-autotune'),
+                       help="torch.compile's mode (reduce-overhead: CUDA graphs); with --compile")
     group.add_argument('--seed', default=0, type=int)
     group.add_argument('--debug', action='store_true',
                        default=os.environ.get(DEBUG_ENV, '').lower() in ('1', 'true', 'yes'),
@@ -185,12 +185,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help=f'resume from output_dir/{CHECKPOINT_NAME} when it exists')
     group.add_argument('--start_epoch', default=0, type=NON_NEGATIVE_INT, metavar='N')
     group.add_argument('--eval', action='store_true', help='evaluation only')
-    group.add_argument('--dist-eval', action='store_true', default=False,
-                       help='shard the evaluation over the processes')
+    group.add_argument('--dist-eval', action='store_true', help='shard evaluation over processes')
     group.add_argument('--num_workers', default=10, type=NON_NEGATIVE_INT)
     group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument('--print-freq', default=10, type=POSITIVE_INT,
-                       help='iterations between log lines')
+    group.add_argument('--print-freq', default=10, type=POSITIVE_INT, help='log every N iterations')
     group.add_argument('--world_size', default=1, type=int,
                        help='a DeiT flag, accepted and unused: launchers set WORLD_SIZE')
     group.add_argument('--dist_url', default='env://')
@@ -235,6 +233,8 @@ def check_args(args: argparse.Namespace):
                          f'which must fit in --epochs minus --warmup-epochs ({decay_room})')
     if args.auto_resume and not args.output_dir:
         raise UsageError('--auto-resume resumes from --output_dir\'s checkpoint: give --output_dir')
+    if args.compile_mode and not args.compile:
+        raise UsageError(f'--compile-mode {args.compile_mode} needs --compile')
     if args.merge_any and is_mtvit(args.model):
         raise UsageError(f'--merge-any is for timm ViTs; {args.model} reduces tokens already')
     if args.use_lmdb:
@@ -439,8 +439,9 @@ def run(args: argparse.Namespace, dist_state):
     if args.eval:
         # At the model's configured keep rates (the schedule's end), as the release evaluates.
         sharded = args.dist_eval and dist_state.distributed
-        test_stats = evaluate(val_loader, torch.compile(model) if args.compile else model, device,
-                              amp_dtype=amp_dtype, sharded=sharded)
+        if args.compile:
+            model = torch.compile(model, mode=args.compile_mode)
+        test_stats = evaluate(val_loader, model, device, amp_dtype=amp_dtype, sharded=sharded)
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: '
               f'{test_stats["acc1"]:.1f}%')
         return test_stats
@@ -551,7 +552,8 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
         set_training_mode=not args.finetune, sharded_eval=args.dist_eval and dist_state.distributed,
         print_freq=args.print_freq, checkpoint_path=checkpoint_path_of(args),
         output_dir=args.output_dir, n_parameters=count_parameters(state.model))
-    return fit(torch.compile(model) if args.compile else model, state, loop, criterion=criterion,
+    model = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    return fit(model, state, loop, criterion=criterion,
                train_loader=train_loader, val_loader=val_loader, mixup_fn=mixup_fn,
                start_epoch=start_epoch, first_iteration=first_iteration, run_args=vars(args).copy())
 

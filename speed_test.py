@@ -10,12 +10,9 @@ model::
     python speed_test.py --suite gpu --json gpu.json    # the README's GPU table, on any CUDA card
 
 A model is ``name`` or ``name:key=value[:key=value...]`` with JSON values (``true``, ``0.7``,
-``[3,6,9]``), passed to ``timm.create_model``. ``--amp``, ``--compile``, ``--channels-last``
-and several ``--batch-size`` values (batch 1 gives the latency) select what is measured;
-``--json`` records every figure with the device, the library versions and the settings;
-``--profile N`` lists the N ops (and on a GPU the N kernels) each model's step spends most time in;
-``--count-ops`` and ``--roofline`` count what a forward would launch on a GPU and estimate the
-eager time of a forward or a training step on an H100, on any device (``op_costs``).
+``[3,6,9]``), passed to ``timm.create_model``. ``--json`` records every figure with the device,
+the library versions and the settings; ``--count-ops`` and ``--roofline`` count what a forward
+would launch on a GPU and estimate its eager time on an H100, on any device (``op_costs``).
 """
 import argparse
 import json
@@ -59,7 +56,8 @@ MTVIT_S_MULTI = 'deit_small_patch16_shrink_base:multi_scale=true:base_keep_rate=
 MTVIT_S_SINGLE = 'deit_small_patch16_shrink_base:base_keep_rate=0.7'
 MTVIT_S_KEEP_1 = 'deit_small_patch16_shrink_base:base_keep_rate=1.0'
 SUITE_MODELS = (DEIT_S, MTVIT_S_MULTI, MTVIT_S_SINGLE, MTVIT_S_KEEP_1)
-# The README's GPU table: (part, mode, amp, batch sizes); the compiled parts compile each model.
+# The README's GPU table: (part, mode, amp, batch sizes); the parts other than 'eager' compile
+# each model, in SUITE_COMPILE_MODES's mode (torch.compile's default where it names none).
 GPU_SUITE = (
     ('eager', 'inference', 'fp16', (1, 256, 1024)),
     ('eager', 'inference', 'none', (256,)),
@@ -67,13 +65,18 @@ GPU_SUITE = (
     ('eager', 'train', 'fp16', (128,)),
     ('compiled-inference', 'inference', 'fp16', (256,)),
     ('compiled-train', 'train', 'bf16', (256,)),
+    ('cuda-graphs', 'inference', 'fp16', (256,)),
+    ('cuda-graphs', 'train', 'bf16', (256,)),
 )
-# --suite NAME: the parts it runs ('compile-time': each of COMPILE_TIME_MODELS compiled in a
-# fresh process). On an H200 (PyTorch 2.11) gpu-eager took 70 s, gpu-compiled-inference about
-# 7 minutes before the compile-time fix: one time-limited call may not fit several parts.
-SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train'),
+# On the H200 the compiled MTViT-S models never left the host waiting (their kernel_time_share
+# about 0, DeiT-S's 0.07-0.12): their launches set the time. CUDA graphs launch a step at once.
+SUITE_COMPILE_MODES = {'cuda-graphs': 'reduce-overhead'}
+# --suite NAME: its parts ('compile-time': each of COMPILE_TIME_MODELS compiled in a fresh
+# process). On an H200: gpu-eager 70 s, gpu-compiled-inference 149 s, gpu-compiled-train 134 s.
+SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train', 'cuda-graphs'),
           'gpu-eager': ('eager',),
-          'gpu-compiled': ('compile-time', 'compiled-inference', 'compiled-train'),
+          'gpu-compiled': ('compile-time', 'compiled-inference', 'compiled-train', 'cuda-graphs'),
+          'gpu-cuda-graphs': ('cuda-graphs',),
           'gpu-compiled-inference': ('compile-time', 'compiled-inference'),
           'gpu-compiled-train': ('compiled-train',)}
 # Where a compilation's time goes (torch._dynamo's timers), as --suite prints it.
@@ -317,8 +320,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('models', nargs='*', help='name[:key=value...]; ratios are to the first')
     parser.add_argument('--suite', choices=tuple(SUITES), default=None,
                         help='gpu: DeiT-S and the MTViT-S variants over the README\'s GPU table '
-                             '(eager and compiled, latency, memory, compile time); gpu-eager, '
-                             'gpu-compiled: its halves; gpu-compiled-inference, -train: the latter\'s')
+                             '(eager, compiled and with CUDA graphs; latency, memory, compile '
+                             'time); the others: its parts (SUITES)')
     parser.add_argument('--mode', choices=('inference', 'train', 'both'), default='inference')
     parser.add_argument('--amp', choices=tuple(AMP_DTYPES), default='none',
                         help='autocast dtype (default none: float32)')
@@ -346,15 +349,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='also print the kernel-running operations of one forward at batch 1 '
                              '(under --amp; each a launch on a GPU)')
     parser.add_argument('--roofline', action='store_true',
-                        help='also print the estimated eager time of one step (--mode: a '
-                             'forward, or a training step\'s forward and backward) on an H100 '
-                             f'at the first --batch-size (default {ROOFLINE_BATCH}) under --amp, '
-                             'from the bytes and FLOPs of its operations (op_costs.py), and '
-                             'its ratio to the first model\'s; runs on any device')
+                        help='also print the estimated H100 eager time of one step (--mode) at '
+                             f'the first --batch-size (default {ROOFLINE_BATCH}) under --amp, from '
+                             'its operations\' bytes and FLOPs (op_costs.py); runs on any device')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
-                        help='also print (and record) the N ops each model\'s step spends most '
-                             'time in, per step, from torch.profiler (on a GPU also the N CUDA '
-                             'kernels)')
+                        help='also print (and record) the N ops (on a GPU also the N CUDA '
+                             'kernels) each model\'s step spends most time in, per step')
     parser.add_argument('--json', default=None, help='write every figure and setting here')
     return parser
 
@@ -439,7 +439,7 @@ def print_records(records: Sequence[dict], device: torch.device):
     """Prints one ``compare`` run: a heading with its settings, then a line per model."""
     first = records[0]
     print(f'{first["mode"]} ({device.type}, amp {first["amp"]}, batch {first["batch_size"]}'
-          f'{", compiled" if first["compiled"] else ""}'
+          f'{", compiled (" + first["compile_mode"] + ")" if first["compiled"] else ""}'
           f'{", channels-last" if first["channels_last"] else ""}, {first["iterations"]} '
           f'iterations x {first["repeats"]} rounds, median):')
     for record in records:
@@ -518,12 +518,13 @@ def run_suite(args, device: torch.device, settings: dict) -> List[dict]:
         if part not in parts:
             continue
         compiled = part != 'eager'
-        part_args = argparse.Namespace(**{**vars(args), 'amp': amp})  # the caller's as given
+        compile_mode = SUITE_COMPILE_MODES.get(part)
+        part_args = argparse.Namespace(**{**vars(args), 'amp': amp, 'compile_mode': compile_mode})
         specs = SUITE_MODELS if not compiled else SUITE_MODELS[:3]
         models = _build_models(specs, args.num_classes, args.input_size,
                                args.channels_last, device)
         if compiled:
-            models = compile_models(models, args.compile_mode)
+            models = compile_models(models, compile_mode)
         for batch_size in batch_sizes:
             rows = compare(models, mode, batch_size, part_args, device, settings, compiled)
             print_records(rows, device)

@@ -53,6 +53,8 @@ def the_error_line(capsys) -> str:
     (['--drop_loc', '3,3'], 'names a block more than once'),
     (['--train-interpolation', 'lanczos'], '--train-interpolation'),
     (['--sched', 'rsqrt', '--epochs', '2'], '--sched rsqrt decays over --decay-epochs 30'),
+    (['--compile-mode', 'reduce-overhead'], '--compile-mode reduce-overhead needs --compile'),
+    (['--compile', '--compile-mode', 'fast'], '--compile-mode'),
 ])
 def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
     status = cli_status([*tree_args(tmp_path / 'no-data'), *TINY_RUN, *flags])
@@ -65,10 +67,24 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, capsys, flags, named):
     ['--aa', 'original'], ['--train-interpolation', 'random'], ['--clip-grad', '1'],
     ['--sched', 'wsd', '--epochs', '4', '--warmup-epochs', '0', '--decay-epochs', '2'],
     ['--batch-size', '1', '--only_test_speed'], ['--batch-size', '3', '--mixup', '0', '--cutmix', '0'],
+    ['--compile', '--compile-mode', 'reduce-overhead'],
 ])
 def test_valid_names_and_numbers_pass_the_checks(flags):
     args = main.get_args_parser().parse_args([*TINY_RUN, *flags])
     main.check_args(args)  # raises UsageError otherwise
+
+
+def test_compile_mode_reaches_torch_compile(tree, monkeypatch):
+    modes = []
+
+    def recorded(model, mode=None):
+        modes.append(mode)
+        return model
+    monkeypatch.setattr(main.torch, 'compile', recorded)
+    assert cli_status([*tree_args(tree), *TINY_RUN, *ONE_EPOCH, '--compile']) == 0
+    assert cli_status([*tree_args(tree), *TINY_RUN, *ONE_EPOCH, '--compile',
+                       '--compile-mode', 'reduce-overhead']) == 0
+    assert modes == [None, 'reduce-overhead']
 
 
 def test_number_in_bounds_and_their_open_ends():

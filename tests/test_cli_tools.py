@@ -478,7 +478,8 @@ def test_speed_test_json_is_replaced_whole(monkeypatch, tmp_path):
 
 def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
     # The README's GPU table, shrunk to tiny models on the CPU: compile times (each in a fresh
-    # process), then every row of the table, eager and compiled, all recorded in the JSON.
+    # process), then every row of the table, eager, compiled and with CUDA graphs (on the CPU
+    # reduce-overhead compiles without them), all recorded in the JSON.
     import speed_test
     tiny = 'deit_tiny_patch16_shrink_base:depth=4:embed_dim=32:num_heads=2:drop_loc=[3]'
     specs = ('deit_tiny_patch16_224:depth=4:embed_dim=32:num_heads=2',
@@ -488,7 +489,8 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
     monkeypatch.setattr(speed_test, 'COMPILE_TIME_MODELS', specs[:2])
     monkeypatch.setattr(speed_test, 'GPU_SUITE', (
         ('eager', 'inference', 'fp16', (1, 2)), ('eager', 'train', 'bf16', (2,)),
-        ('compiled-inference', 'inference', 'fp16', (2,))))
+        ('compiled-inference', 'inference', 'fp16', (2,)),
+        ('cuda-graphs', 'inference', 'fp16', (2,))))
     path = tmp_path / 'suite.json'
     records = speed_test.main(speed_test.get_args_parser().parse_args([
         '--suite', 'gpu', '--device', 'cpu', '--input-size', '32', '--iterations', '1',
@@ -503,24 +505,26 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
         assert row['generated_kernels'] > 0
     rows = {}
     for record in records[len(compile_rows):]:
-        key = (record['mode'], record['amp'], record['batch_size'], record['compiled'])
+        key = (record['mode'], record['amp'], record['batch_size'], record['compile_mode'])
         rows.setdefault(key, []).append(record['model'])
-    assert rows == {('inference', 'fp16', 1, False): list(specs),
-                    ('inference', 'fp16', 2, False): list(specs),
-                    ('train', 'bf16', 2, False): list(specs),
-                    ('inference', 'fp16', 2, True): list(specs[:3])}
+    assert rows == {('inference', 'fp16', 1, None): list(specs),
+                    ('inference', 'fp16', 2, None): list(specs),
+                    ('train', 'bf16', 2, None): list(specs),
+                    ('inference', 'fp16', 2, 'default'): list(specs[:3]),
+                    ('inference', 'fp16', 2, 'reduce-overhead'): list(specs[:3])}
     for record in records[len(compile_rows):]:
         assert record['images_per_s'] > 0
         assert ('latency_ms' in record) == (record['batch_size'] == 1)
         assert ('first_step_s' in record) == record['compiled']
-        assert record['compile_mode'] == ('default' if record['compiled'] else None)
+        assert record['compiled'] == (record['compile_mode'] is not None)
 
 
 def test_speed_test_suites_split_the_table():
-    # Every part of the table is in the whole suite, and the halves split it.
+    # Every part of the table is in the whole suite, and the parts split it.
     import speed_test
     parts = {part for part, *_ in speed_test.GPU_SUITE} | {'compile-time'}
     assert set(speed_test.SUITES['gpu']) == parts
     assert set(speed_test.SUITES['gpu-eager']) | set(speed_test.SUITES['gpu-compiled']) == parts
     assert set(speed_test.SUITES['gpu-compiled-inference']) | set(
-        speed_test.SUITES['gpu-compiled-train']) == set(speed_test.SUITES['gpu-compiled'])
+        speed_test.SUITES['gpu-compiled-train']) | set(
+        speed_test.SUITES['gpu-cuda-graphs']) == set(speed_test.SUITES['gpu-compiled'])
