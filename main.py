@@ -73,8 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        default=None, help='multi-scale front end (default: as the checkpoint '
                                           'of --resume or an MTViT --finetune source, else off)')
     group.add_argument('--merge-any', action='store_true',
-                       help='give a timm ViT --model token mergence (--base_keep_rate at '
-                            '--drop_loc) on its own weights, for every use')
+                       help='token mergence (--base_keep_rate at --drop_loc) for a timm ViT model')
     group.add_argument('--no-multi-scale', dest='multi_scale', action='store_false',
                        help='single scale, also when finetuning from a multi-scale checkpoint')
     group.add_argument('--shrink_start_epoch', default=10, type=NON_NEGATIVE_INT,
@@ -551,6 +550,7 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
         token_counts=state.model.token_counts if reduces_tokens else None,
         set_training_mode=not args.finetune, sharded_eval=args.dist_eval and dist_state.distributed,
         print_freq=args.print_freq, checkpoint_path=checkpoint_path_of(args),
+        compile_mode=args.compile_mode if args.compile else None,
         output_dir=args.output_dir, n_parameters=count_parameters(state.model))
     model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     return fit(model, state, loop, criterion=criterion,

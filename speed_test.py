@@ -68,11 +68,9 @@ GPU_SUITE = (
     ('cuda-graphs', 'inference', 'fp16', (256,)),
     ('cuda-graphs', 'train', 'bf16', (256,)),
 )
-# On the H200 the compiled MTViT-S models never left the host waiting (their kernel_time_share
-# about 0, DeiT-S's 0.07-0.12): their launches set the time. CUDA graphs launch a step at once.
+# The compiled MTViT-S were host-bound on the H200 (README): CUDA graphs launch a step at once.
 SUITE_COMPILE_MODES = {'cuda-graphs': 'reduce-overhead'}
-# --suite NAME: its parts ('compile-time': each of COMPILE_TIME_MODELS compiled in a fresh
-# process). On an H200: gpu-eager 70 s, gpu-compiled-inference 149 s, gpu-compiled-train 134 s.
+# --suite NAME: its parts ('compile-time': COMPILE_TIME_MODELS, each in a fresh process).
 SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train', 'cuda-graphs'),
           'gpu-eager': ('eager',),
           'gpu-compiled': ('compile-time', 'compiled-inference', 'compiled-train', 'cuda-graphs'),
@@ -83,8 +81,7 @@ SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train
 COMPILE_PHASES = {'bytecode_tracing': 'Dynamo tracing',
                   'create_aot_dispatcher_function': 'AOT autograd and inductor',
                   'async_compile.wait': 'waiting for kernels'}
-# Compile time is measured for these, each in a fresh process.
-COMPILE_TIME_MODELS = (DEIT_S, MTVIT_S_MULTI)
+COMPILE_TIME_MODELS = (DEIT_S, MTVIT_S_MULTI)  # compile time measured, each in a fresh process
 
 
 def synchronize(device: torch.device):
@@ -114,8 +111,7 @@ def inference_step(model: nn.Module, images: torch.Tensor,
 
 def training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
                   amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
-    """Forward and backward of ``images`` (B, 3, H, W) with random labels (no optimizer), as a
-    training step spends its time."""
+    """Forward and backward of ``images`` (B, 3, H, W) with random labels (no optimizer)."""
     model.train()
     labels = torch.randint(num_classes, (images.shape[0],), device=images.device)
 
@@ -128,8 +124,7 @@ def training_step(model: nn.Module, images: torch.Tensor, num_classes: int,
 
 
 def _host_usage() -> Tuple[float, float, int]:
-    """This process's user and system CPU seconds and minor page faults so far (zeros where
-    the platform has no ``getrusage``)."""
+    """This process's CPU seconds (user, system) and minor page faults (zeros: no getrusage)."""
     try:
         import resource
     except ImportError:  # Windows
@@ -157,7 +152,8 @@ def time_interleaved(timed: Sequence[TimedStep], device: torch.device, iteration
     activation over its mmap threshold (at most 32 MiB) is mapped afresh and zeroed page by page
     by the kernel at every step (and so is the heap's trimmed top), which can take a quarter of a
     CPU model's time and so move the ratios between models; ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` set above the largest activation (4294967296) remove both.
+    ``MALLOC_TRIM_THRESHOLD_`` set above the largest activation (4294967296) remove both. On
+    CUDA a host ahead of the device waits for it at a round's end, in the driver: near 0, never.
     """
     for entry in timed:
         for _ in range(warmup):
@@ -402,8 +398,10 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                 compile_record = _compile_record()
         timed.append(TimedStep(spec, step, batch_size))
     peak, host = {}, {}
+    # Under CUDA graphs a step's memory is its graph's pool, allocated when recorded: no peak.
+    measures_peak = mode == 'train' and not (compiled and args.compile_mode == 'reduce-overhead')
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
-                               settings['repeats'], peak_memory=peak if mode == 'train' else None,
+                               settings['repeats'], peak_memory=peak if measures_peak else None,
                                host_costs=host)
     medians = {spec: statistics.median(values) for spec, values in results.items()}
     reference = medians[next(iter(models))]
@@ -432,6 +430,8 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
 
 def compile_models(models: Dict[str, nn.Module], mode: Optional[str]) -> Dict[str, nn.Module]:
     """Each model under ``torch.compile`` in ``mode`` (``--compile-mode``; None: the default)."""
+    # Dynamo recompiles a code object 8 times, then runs it eagerly, silently: a suite compiles 12.
+    torch._dynamo.reset()
     return {spec: torch.compile(model, mode=mode) for spec, model in models.items()}
 
 

@@ -124,15 +124,16 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
                **{option: any(name in saved for name, _ in model.named_buffers())})
 
 
-def without_ddp(model: nn.Module) -> nn.Module:
+def without_ddp(model: nn.Module, compile_mode: Optional[str] = None) -> nn.Module:
     """The model a DDP wrapper holds, for evaluation: a DDP forward after training broadcasts
     the buffers, a collective that hangs when a process has no evaluation batch (a validation
     set smaller than the processes under --dist-eval). A compiled DDP model gives the held
-    model compiled (its own graphs: evaluation is traced apart from training anyway)."""
+    model compiled in ``compile_mode``, the wrapper's (its own graphs: evaluation is traced
+    apart from training anyway)."""
     ddp = torch.nn.parallel.DistributedDataParallel
     compiled = getattr(model, '_orig_mod', None)  # what torch.compile wrapped
     if isinstance(compiled, ddp):
-        return torch.compile(compiled.module)
+        return torch.compile(compiled.module, mode=compile_mode)
     return model.module if isinstance(model, ddp) else model
 
 
@@ -301,6 +302,7 @@ class EpochLoop:
     checkpoint_path: str = ''
     output_dir: str = ''
     n_parameters: int = 0
+    compile_mode: Optional[str] = None  # torch.compile's, where the model is compiled
 
 
 def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: nn.Module,
@@ -324,7 +326,7 @@ def fit(model: nn.Module, state: TrainingState, loop: EpochLoop, *, criterion: n
     print(f'Start training for {loop.epochs} epochs')
     start_time = time.time()
     test_stats = None
-    eval_model = without_ddp(model)
+    eval_model = without_ddp(model, loop.compile_mode)
     try:
         with StopSignals(loop.device) as stop:
             for epoch in range(start_epoch, loop.epochs):

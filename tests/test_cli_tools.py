@@ -450,8 +450,8 @@ def test_speed_test_counts_operations_per_block():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal where no GPU is')
 def test_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
-    # .ci/gpu is run only on GPU machines: here, that it parses, asks for a part, and stops
-    # before any step where there is no CUDA device.
+    # .ci/gpu is run only on GPU machines: here, that it parses, asks for a part, refuses an
+    # unknown one, and stops before any step where there is no CUDA device.
     script = str(REPO_ROOT / '.ci' / 'gpu')
     assert subprocess.run(['bash', '-n', script]).returncode == 0
     usage = subprocess.run(['bash', script], capture_output=True, text=True)
@@ -459,6 +459,8 @@ def test_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
     out = tmp_path / 'results'
     refused = subprocess.run(['bash', script, 'eager', str(out)], capture_output=True, text=True)
     assert refused.returncode == 1 and 'no CUDA device here' in refused.stderr
+    unknown = subprocess.run(['bash', script, 'eagre', str(out)], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown part 'eagre'" in unknown.stderr
     assert list(out.iterdir()) == []
 
 

@@ -120,13 +120,14 @@ def test_half_precision_training_step_gives_every_parameter_a_finite_gradient(mu
 
 @contextlib.contextmanager
 def _synchronisations_fail():
-    """Within it, an operation that makes the host wait for the device (a copy to the host,
-    ``.item()``, ``nonzero``, a stream synchronisation) raises instead."""
+    """Within it, an operation that PyTorch knows makes the host wait for the device (a copy to
+    the host, ``.item()``, ``nonzero``, a stream synchronisation) raises instead."""
+    previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode('error')
     try:
         yield
     finally:
-        torch.cuda.set_sync_debug_mode('default')
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @pytest.mark.parametrize('variant', ['multi-scale k0.7', 'single scale k0.7'])

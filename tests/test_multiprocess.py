@@ -191,3 +191,28 @@ def test_batch_norm_statistics_follow_rank_0_under_ddp(tmp_path):
     assert output.count('SAME') == 2 and output.count('EVALUATED') == 2, output[-2000:]
     assert output.count('UNWRAPPED') == 2, output[-2000:]
     assert 'is deprecated' not in output  # PyTorch 2.14's DDP renamed broadcast_buffers
+
+
+class _HeldByDDP(torch.nn.parallel.DistributedDataParallel):
+    """A DDP wrapper without a process group: only the held module, which is all
+    ``without_ddp`` reads."""
+
+    def __init__(self, module: torch.nn.Module):
+        torch.nn.Module.__init__(self)
+        self.module = module
+
+
+def test_without_ddp_compiles_the_held_model_in_the_wrappers_mode(monkeypatch):
+    import training
+    calls = []
+
+    def compile_recorded(model, mode=None):
+        calls.append((model, mode))
+        return model
+    monkeypatch.setattr(training.torch, 'compile', compile_recorded)
+    held = torch.nn.Linear(2, 2)
+    compiled_ddp = torch.nn.Module()
+    compiled_ddp._orig_mod = _HeldByDDP(held)  # as torch.compile's wrapper holds its module
+    assert training.without_ddp(compiled_ddp, 'reduce-overhead') is held
+    assert training.without_ddp(_HeldByDDP(held)) is held
+    assert calls == [(held, 'reduce-overhead')]
