@@ -550,7 +550,7 @@ def train(args: argparse.Namespace, dist_state, model: torch.nn.Module, train_lo
         token_counts=state.model.token_counts if reduces_tokens else None,
         set_training_mode=not args.finetune, sharded_eval=args.dist_eval and dist_state.distributed,
         print_freq=args.print_freq, checkpoint_path=checkpoint_path_of(args),
-        compile_mode=args.compile_mode if args.compile else None,
+        compile_mode=args.compile_mode,  # check_args: only with --compile
         output_dir=args.output_dir, n_parameters=count_parameters(state.model))
     model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     return fit(model, state, loop, criterion=criterion,
