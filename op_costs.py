@@ -21,7 +21,7 @@ whatever the device); compiled (fused) code moves fewer bytes.
 """
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,8 +32,9 @@ from torch.utils._pytree import tree_flatten
 from matmul_ops import cuda_forms
 from utils import amp_autocast
 
-__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'count_flops', 'count_kernel_ops',
-           'count_macs', 'print_roofline', 'step_costs', 'tensor_bytes']
+__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'busy_time', 'count_flops',
+           'count_kernel_ops', 'count_macs', 'print_roofline', 'profile_step', 'step_costs',
+           'tensor_bytes']
 
 MATRIX_PRODUCTS = ('mm', 'addmm', 'bmm', 'baddbmm')
 GATHERS = ('gather', 'index_select', 'embedding', 'index')
@@ -195,6 +196,61 @@ def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], input_siz
                   f'{record["gigabytes"]:.2f} GB, {record["tflop"]:.3f} TFLOP), speed '
                   f'{record["speed_vs_first"]:.3f}x the first model\'s', flush=True)
     return records
+
+
+def busy_time(intervals: Iterable[Tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time a device was busy, kernels
+    that overlapped (several streams) counted once."""
+    total, reach = 0., float('-inf')
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_step(step: Callable[[], None], device: torch.device, top: int, steps: int = 3,
+                 trace_path: Optional[str] = None) -> Tuple[List[dict], Optional[float]]:
+    """Where a step spends its time, from ``torch.profiler`` over ``steps`` steps (after one
+    untimed).
+
+    Returns the ``top`` rows of each part, ``{'where' ('device', 'host' or 'cpu'), 'name',
+    'ms_per_step', 'calls_per_step'}``, largest first: on a GPU the CUDA kernels by their time
+    on the device, then the host's ops by self time (where a step is bound by the host's time
+    to launch kernels, these say which ops cost it); on the CPU its ops. Also the device's busy
+    milliseconds per step (kernels, copies and fills, overlaps once; None on the CPU): against
+    the step's unprofiled time, the share of it the device worked, 1 for a step bound by the
+    device and less where it waited for the host. ``trace_path``: also write the Chrome trace
+    there (``.json.gz``: compressed), for chrome://tracing or Perfetto.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    on_gpu = device.type == 'cuda'
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    if trace_path:
+        profiler.export_chrome_trace(trace_path)
+    events = profiler.key_averages()
+    parts = [('self_device_time_total', 'device'), ('self_cpu_time_total', 'host')] if on_gpu \
+        else [('self_cpu_time_total', 'cpu')]
+    rows = []
+    for field, where in parts:
+        ranked = sorted(events, key=lambda event: getattr(event, field), reverse=True)[:top]
+        rows += [dict(where=where, name=event.key, ms_per_step=getattr(event, field) / 1e3 / steps,
+                      calls_per_step=event.count / steps) for event in ranked]
+    busy_ms = None
+    if on_gpu:  # a user annotation's range on the device's timeline is no work of it
+        busy_ms = busy_time((event.time_range.start, event.time_range.end)
+                            for event in profiler.events() if event.device_type == DeviceType.CUDA
+                            and not event.is_user_annotation) / 1e3 / steps
+    return rows, busy_ms
 
 
 def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,

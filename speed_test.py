@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from atomic_write import replacing
 from launch_env import parse_device
-from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline
+from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline, profile_step
 from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
@@ -50,6 +51,9 @@ AMP_DTYPES = {'none': None, 'fp32': None, 'fp16': torch.float16, 'bf16': torch.b
 """--amp's choices; 'fp32' (main.py's name) is 'none', no autocast."""
 GIB = 2 ** 30
 PROFILE_NAME_WIDTH = 100  # characters of an op's or kernel's name on a --profile line
+# Steps profiled per model and row (--profile, --trace), after its timed rounds: the profiler
+# may leave the host's launches slower, so a process's later rows time a changed host.
+PROFILED_STEPS = 3
 
 DEIT_S = 'deit_small_patch16_224'
 MTVIT_S_MULTI = 'deit_small_patch16_shrink_base:multi_scale=true:base_keep_rate=0.7'
@@ -190,34 +194,6 @@ def time_interleaved(timed: Sequence[TimedStep], device: torch.device, iteration
     return results
 
 
-def profile_step(step: Callable[[], None], device: torch.device, top: int,
-                 steps: int = 3) -> List[dict]:
-    """Where one step spends its time, from ``torch.profiler`` over ``steps`` steps (after one
-    untimed): the ``top`` ops by self time on the CPU, and on a GPU also the ``top`` CUDA
-    kernels by self time on the device (where a small batch is bound by the host's time to
-    launch kernels, the host rows say which ops cost it). Returns ``{'where' ('device', 'host'
-    or 'cpu'), 'name', 'ms_per_step', 'calls_per_step'}`` rows, device rows first, each part
-    largest first."""
-    from torch.profiler import ProfilerActivity, profile
-    step()
-    synchronize(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    events = profiler.key_averages()
-    parts = [('self_cpu_time_total', 'cpu')]
-    if device.type == 'cuda':
-        parts = [('self_device_time_total', 'device'), ('self_cpu_time_total', 'host')]
-    rows = []
-    for field, where in parts:
-        ranked = sorted(events, key=lambda event: getattr(event, field), reverse=True)[:top]
-        rows += [dict(where=where, name=event.key, ms_per_step=getattr(event, field) / 1e3 / steps,
-                      calls_per_step=event.count / steps) for event in ranked]
-    return rows
-
-
 def measure_throughput(model: nn.Module, input_size: int, device: torch.device,
                        batch_size: int, iterations: int, warmup: int, repeats: int,
                        in_chans: int = 3, amp_dtype: Optional[torch.dtype] = None) -> List[float]:
@@ -350,7 +326,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'its operations\' bytes and FLOPs (op_costs.py); runs on any device')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='also print (and record) the N ops (on a GPU also the N CUDA '
-                             'kernels) each model\'s step spends most time in, per step')
+                             'kernels) each model\'s step spends most time in, per step, and on '
+                             'a GPU the share of the step the device was busy')
+    parser.add_argument('--trace', default=None, metavar='FOLDER',
+                        help='also write the Chrome trace of each model\'s profiled steps here '
+                             '(one .json.gz per model and row; for chrome://tracing or Perfetto)')
     parser.add_argument('--json', default=None, help='write every figure and setting here')
     return parser
 
@@ -398,8 +378,10 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                 compile_record = _compile_record()
         timed.append(TimedStep(spec, step, batch_size))
     peak, host = {}, {}
-    # Under CUDA graphs a step's memory is its graph's pool, allocated when recorded: no peak.
-    measures_peak = mode == 'train' and not (compiled and args.compile_mode == 'reduce-overhead')
+    # Under CUDA graphs a step's memory is its graph's pool, allocated when recorded: no peak;
+    # nor a profile (how the profiler and recorded graphs meet has not been tried on a GPU).
+    graphs = compiled and args.compile_mode == 'reduce-overhead'
+    measures_peak = mode == 'train' and not graphs
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
                                settings['repeats'], peak_memory=peak if measures_peak else None,
                                host_costs=host)
@@ -422,10 +404,24 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
         if spec in compile_seconds:
             record['first_step_s'] = compile_seconds[spec]
         record.update(compile_record)
-        if args.profile:
-            record['profile'] = profile_step(steps[spec], device, args.profile)
+        if (args.profile or args.trace) and not graphs:
+            trace = args.trace and os.path.join(args.trace, _trace_name(record))
+            rows, busy_ms = profile_step(steps[spec], device, args.profile, PROFILED_STEPS, trace)
+            if args.profile:
+                record['profile'] = rows
+            if busy_ms is not None:
+                record.update(device_busy_ms=busy_ms,
+                              device_busy_share=busy_ms * medians[spec] / (1e3 * batch_size))
         records.append(record)
     return records
+
+
+def _trace_name(record: dict) -> str:
+    """--trace's file for one ``compare`` record: its mode, precision, batch, compilation and
+    model, the model's ``:key=value`` settings in the name with ``_`` for ``:``."""
+    compiled = f'-compiled-{record["compile_mode"]}' if record['compiled'] else ''
+    model = re.sub(r'[^\w.=,-]', '_', record['model'])
+    return f'{record["mode"]}-{record["amp"]}-b{record["batch_size"]}{compiled}-{model}.json.gz'
 
 
 def compile_models(models: Dict[str, nn.Module], mode: Optional[str]) -> Dict[str, nn.Module]:
@@ -451,6 +447,8 @@ def print_records(records: Sequence[dict], device: torch.device):
             extra += f'  peak memory {record["peak_memory_gib"]:.2f} GiB'
         if 'first_step_s' in record:
             extra += f'  first (compiling) step {record["first_step_s"]:.1f} s'
+        if 'device_busy_share' in record:
+            extra += f'  device busy {record["device_busy_share"]:.0%} of the step'
         if device.type == 'cpu' and 'page_faults_per_step' in record:
             extra += (f'  {record["page_faults_per_step"]:.0f} page faults per step, '
                       f'{record["kernel_time_share"]:.0%} of the CPU time in the kernel')
@@ -544,6 +542,8 @@ def main(args: argparse.Namespace) -> List[dict]:
     folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f'--json {args.json}: {folder} is not a writable folder')
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':

@@ -4,6 +4,7 @@
 main.py runs in-process through ``main.cli`` (which returns the exit code the command would
 have); speed_test.py, whose error handling lives under ``__main__``, runs as a subprocess.
 """
+import gzip
 import json
 import math
 import re
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import main  # noqa: E402
 import op_costs  # noqa: E402
+import speed_test  # noqa: E402
 import models_mtvit  # noqa: E402,F401  (registers the MTViT models with timm)
 from checkpoints import save_checkpoint_atomic  # noqa: E402
 
@@ -228,7 +230,6 @@ def test_speed_test_counts_the_page_faults_of_a_step():
     """A step that maps fresh memory and touches each page costs one page fault per page (the
     kernel zeroes it), as a glibc-mapped activation does; a step that allocates nothing none."""
     import mmap
-    import speed_test
     pages = 4096
 
     def touch_fresh_pages():
@@ -263,7 +264,6 @@ def test_speed_test_malformed_spec_exits_2_with_one_line():
     ('deit_tiny_patch16_shrink_base:base_keep_rate=0.7:base_keep_rate=0.5', 'given twice'),
 ])
 def test_speed_test_a_key_the_model_refuses_is_one_line(spec, named):
-    import speed_test
     args = speed_test.get_args_parser().parse_args([spec, '--input-size', '32'])
     with pytest.raises(ValueError, match=re.escape(named)) as error:
         speed_test.main(args)
@@ -275,7 +275,6 @@ def test_speed_test_a_key_the_model_refuses_is_one_line(spec, named):
     (['--json', '/proc/no_such_folder/out.json'], 'is not a writable folder'),
 ])
 def test_speed_test_checks_the_device_and_json_before_measuring(flags, message, monkeypatch):
-    import speed_test
     monkeypatch.setattr(speed_test, '_build_models', lambda *_: pytest.fail('built models'))
     args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', *flags])
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -283,7 +282,6 @@ def test_speed_test_checks_the_device_and_json_before_measuring(flags, message, 
 
 
 def test_speed_test_times_a_cnn_beside_a_vit(capsys):
-    import speed_test
     args = speed_test.get_args_parser().parse_args([
         'deit_tiny_patch16_224', 'resnet18', '--input-size', '32', '--batch-size', '2',
         '--iterations', '1', '--warmup', '0', '--repeats', '1'])
@@ -293,7 +291,6 @@ def test_speed_test_times_a_cnn_beside_a_vit(capsys):
 
 
 def test_speed_test_compile_mode_needs_compile():
-    import speed_test
     args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', '--compile-mode',
                                                     'reduce-overhead'])
     with pytest.raises(ValueError, match='--compile-mode needs --compile'):
@@ -303,7 +300,6 @@ def test_speed_test_compile_mode_needs_compile():
 @pytest.mark.parametrize('flag, value', [('--iterations', '0'), ('--warmup', '-1'),
                                          ('--repeats', '-2')])
 def test_speed_test_refuses_counts_below_their_minimum(flag, value):
-    import speed_test
     args = speed_test.get_args_parser().parse_args(['deit_tiny_patch16_224', flag, value])
     with pytest.raises(ValueError, match='--iterations must be at least 1, --warmup and '
                                          '--repeats at least 0'):
@@ -311,12 +307,20 @@ def test_speed_test_refuses_counts_below_their_minimum(flag, value):
 
 
 def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
-    path = tmp_path / 'speed.json'
+    path, traces = tmp_path / 'speed.json', tmp_path / 'traces'
     result = run_speed_test('deit_small_patch16_shrink_base:base_keep_rate=0.5', '--input-size',
                             '64', '--batch-size', '2', '--iterations', '1', '--repeats', '1',
-                            '--warmup', '0', '--profile', '3', '--json', str(path))
+                            '--warmup', '0', '--profile', '3', '--json', str(path),
+                            '--trace', str(traces))
     assert result.returncode == 0, result.stderr
     [record] = json.loads(path.read_text())['records']
+    assert 'device_busy_share' not in record  # a GPU's figure
+    # The trace of the profiled steps: its ops, as many linear layers as the rows count.
+    [trace] = traces.iterdir()
+    assert trace.name == ('inference-none-b2-deit_small_patch16_shrink_base_'
+                          'base_keep_rate=0.5.json.gz')
+    events = json.loads(gzip.decompress(trace.read_bytes()))['traceEvents']
+    assert sum(event.get('name') == 'aten::addmm' for event in events) == 49 * speed_test.PROFILED_STEPS
     rows = record['profile']
     assert len(rows) == 3
     assert [row['ms_per_step'] for row in rows] == sorted((row['ms_per_step'] for row in rows),
@@ -328,6 +332,13 @@ def test_speed_test_profile_lists_the_costliest_ops(tmp_path):
     for row in rows:
         assert re.search(rf'^ +cpu +{row["ms_per_step"]:.3f} ms +{row["calls_per_step"]:.1f}x  '
                          rf'{re.escape(row["name"])}$', result.stdout, re.MULTILINE), result.stdout
+
+
+def test_busy_time_counts_overlapping_intervals_once():
+    assert op_costs.busy_time([]) == 0
+    # Two overlapping kernels (0-2, 1-3), one inside another (5-6, 5.5-5.7), out of order.
+    assert op_costs.busy_time([(5, 6), (1, 3), (0, 2), (5.5, 5.7)]) == 4
+    assert op_costs.busy_time([(0, 1), (1, 2)]) == 2  # back to back
 
 
 def test_kernel_ops_counts_writes_not_views_or_allocations():
@@ -391,7 +402,6 @@ def test_speed_test_roofline_ratio(tmp_path):
     assert [(r['model'], r['mode']) for r in records] == [
         (spec, f'roofline-{mode}') for mode in ('inference', 'train') for spec in specs]
     assert 'images_per_s' not in result.stdout and 'img/s' not in result.stdout
-    import speed_test
     for mode in ('inference', 'train'):
         printed = re.findall(rf'^(\S+): roofline ([\d.]+) ms per {mode} step on an H100 \(batch 8, '
                              r'amp none; (\d+) operations, [\d.]+ GB, [\d.]+ TFLOP\), speed '
@@ -466,7 +476,6 @@ def test_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
 
 def test_speed_test_json_is_replaced_whole(monkeypatch, tmp_path):
     # A suite writes its JSON after each part: a run stopped while writing keeps the last one.
-    import speed_test
     path = tmp_path / 'suite.json'
     speed_test._write_json(str(path), torch.device('cpu'), [{'model': 'first part'}])
     written = path.read_text()
@@ -482,7 +491,6 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
     # The README's GPU table, shrunk to tiny models on the CPU: compile times (each in a fresh
     # process), then every row of the table, eager, compiled and with CUDA graphs (on the CPU
     # reduce-overhead compiles without them), all recorded in the JSON.
-    import speed_test
     tiny = 'deit_tiny_patch16_shrink_base:depth=4:embed_dim=32:num_heads=2:drop_loc=[3]'
     specs = ('deit_tiny_patch16_224:depth=4:embed_dim=32:num_heads=2',
              f'{tiny}:multi_scale=true:base_keep_rate=0.5', f'{tiny}:base_keep_rate=0.5',
@@ -523,7 +531,6 @@ def test_speed_test_suite_runs_its_table(monkeypatch, tmp_path):
 
 def test_speed_test_suites_split_the_table():
     # Every part of the table is in the whole suite, and the parts split it.
-    import speed_test
     parts = {part for part, *_ in speed_test.GPU_SUITE} | {'compile-time'}
     assert set(speed_test.SUITES['gpu']) == parts
     assert set(speed_test.SUITES['gpu-eager']) | set(speed_test.SUITES['gpu-compiled']) == parts

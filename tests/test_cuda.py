@@ -1,18 +1,21 @@
 """Checks that need a CUDA device, skipped elsewhere (``.ci/gpu`` runs them on a GPU machine):
 the model's float32 values on the GPU's kernels against the CPU's, the fused norms' Triton
 kernels inside the model, a half-precision training step, steps that never make the host wait
-for the device, and compilation for CUDA. The CPU suite tests the CUDA code paths themselves
-(``matmul_ops.cuda_forms``); these test the kernels.
+for the device, the device's busy time as the profiler gives it, and compilation for CUDA. The
+CPU suite tests the CUDA code paths themselves (``matmul_ops.cuda_forms``); these test the
+kernels.
 
 Run: ``python -m pytest tests/test_cuda.py -q`` from the repository root.
 """
 import contextlib
+import time
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import fused_norms
+import op_costs
 from mtvit_reference import images, make_model, tiny_kwargs
 from test_compile import _fresh_dynamo, _tiny_multi_scale
 from test_fused_norms import KERNEL_CASES, compare_kernel_cases
@@ -156,6 +159,29 @@ def test_steps_never_make_the_host_wait_for_the_device(variant):
         with _synchronisations_fail():
             step()
         torch.cuda.synchronize(CUDA)
+
+
+@pytest.mark.parametrize('bound', ['device', 'host'])
+def test_device_busy_share_tells_the_device_bound_step_from_the_host_bound(bound):
+    # speed_test's diagnosis: the share of a step's time in which the device worked.
+    matrix = torch.randn(4096, 4096, device=CUDA)
+
+    def step():
+        if bound == 'device':  # about 0.5 TFLOP in float32, launched at once
+            for _ in range(4):
+                matrix @ matrix
+        else:  # the host sleeps, then one tiny kernel
+            time.sleep(0.01)
+            matrix[:1, :1] + 1
+    _, busy_ms = op_costs.profile_step(step, CUDA, top=0, steps=3)
+    step()
+    torch.cuda.synchronize(CUDA)
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(CUDA)
+    share = busy_ms / ((time.perf_counter() - start) / 3 * 1e3)
+    assert (0.9 <= share <= 1.05) if bound == 'device' else share < 0.05, share
 
 
 def test_compile_for_cuda_matches_eager_and_token_counts_bound_recompilations():
