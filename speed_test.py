@@ -51,8 +51,8 @@ AMP_DTYPES = {'none': None, 'fp32': None, 'fp16': torch.float16, 'bf16': torch.b
 """--amp's choices; 'fp32' (main.py's name) is 'none', no autocast."""
 GIB = 2 ** 30
 PROFILE_NAME_WIDTH = 100  # characters of an op's or kernel's name on a --profile line
-# Steps profiled per model and row (--profile, --trace), after its timed rounds: the profiler
-# may leave the host's launches slower, so a process's later rows time a changed host.
+# Steps profiled per model and row (--profile, --trace), after the row's timed rounds (whether
+# the profiler leaves later launches slower is untried: .ci/gpu profiles one row per process).
 PROFILED_STEPS = 3
 
 DEIT_S = 'deit_small_patch16_224'
@@ -328,9 +328,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='also print (and record) the N ops (on a GPU also the N CUDA '
                              'kernels) each model\'s step spends most time in, per step, and on '
                              'a GPU the share of the step the device was busy')
-    parser.add_argument('--trace', default=None, metavar='FOLDER',
-                        help='also write the Chrome trace of each model\'s profiled steps here '
-                             '(one .json.gz per model and row; for chrome://tracing or Perfetto)')
+    parser.add_argument('--trace', default=None, metavar='FOLDER', help='also write each '
+                        'profiled step\'s Chrome trace here (a .json.gz per model and row)')
     parser.add_argument('--json', default=None, help='write every figure and setting here')
     return parser
 
@@ -410,15 +409,13 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
             if args.profile:
                 record['profile'] = rows
             if busy_ms is not None:
-                record.update(device_busy_ms=busy_ms,
-                              device_busy_share=busy_ms * medians[spec] / (1e3 * batch_size))
+                record['device_busy_share'] = busy_ms * medians[spec] / (1e3 * batch_size)
         records.append(record)
     return records
 
 
 def _trace_name(record: dict) -> str:
-    """--trace's file for one ``compare`` record: its mode, precision, batch, compilation and
-    model, the model's ``:key=value`` settings in the name with ``_`` for ``:``."""
+    """--trace's file for a ``compare`` record: mode, precision, batch, compilation, model."""
     compiled = f'-compiled-{record["compile_mode"]}' if record['compiled'] else ''
     model = re.sub(r'[^\w.=,-]', '_', record['model'])
     return f'{record["mode"]}-{record["amp"]}-b{record["batch_size"]}{compiled}-{model}.json.gz'
@@ -542,8 +539,11 @@ def main(args: argparse.Namespace) -> List[dict]:
     folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f'--json {args.json}: {folder} is not a writable folder')
-    if args.trace:
-        os.makedirs(args.trace, exist_ok=True)
+    try:
+        if args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f'--trace {args.trace}: cannot make the folder ({error.strerror})')
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':

@@ -273,6 +273,7 @@ def test_speed_test_a_key_the_model_refuses_is_one_line(spec, named):
 @pytest.mark.parametrize('flags, message', [
     (['--device', 'foo'], "--device 'foo' is not a device name (cuda, cuda:N, cpu)"),
     (['--json', '/proc/no_such_folder/out.json'], 'is not a writable folder'),
+    (['--trace', '/proc/no_such_folder'], '--trace /proc/no_such_folder: cannot make the folder'),
 ])
 def test_speed_test_checks_the_device_and_json_before_measuring(flags, message, monkeypatch):
     monkeypatch.setattr(speed_test, '_build_models', lambda *_: pytest.fail('built models'))

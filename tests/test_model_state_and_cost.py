@@ -21,6 +21,7 @@ from mtvit_reference import (LN_EPS, DispatchRecorder, images, make_model, reduc
 import models_mtvit  # noqa: F401  (registers the models with timm)
 import timm
 from checkpoints import adapt_state_dict
+from matmul_ops import cuda_forms
 from op_costs import count_flops
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -176,6 +177,24 @@ def test_no_host_sync_and_no_loops_over_samples_or_tokens(multi_scale):
     assert not sync, f'host synchronisation inside forward: {sync}'
     assert ops_b2 == ops_b3, 'op count depends on the batch size (loop over samples?)'
     assert ops_b3 == ops_large, 'op count depends on the token count (loop over tokens?)'
+
+
+@pytest.mark.parametrize('multi_scale', [False, True])
+def test_no_host_sync_in_a_training_step_in_the_cuda_forms(multi_scale):
+    # speed_test's training step, forward and backward under bf16 autocast, in the forms a CUDA
+    # device runs: on the CPU, ahead of tests/test_cuda.py's check on a GPU.
+    model = make_model(seed=8, double=False, **tiny_kwargs(
+        patch_size=16, img_size=64, drop_loc=(3, 4), base_keep_rate=0.5,
+        multi_scale=multi_scale)).train()
+    with cuda_forms(), DispatchRecorder(lambda func, args, out: str(func)) as recorder:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images(2, 64, double=False)), torch.tensor([0, 1]))
+        loss.backward()
+    ops = set(recorder.records)
+    # The mergence's CUDA form (the CPU's sums with index_add) and the backward were recorded.
+    assert 'aten.scatter_add_.default' in ops and 'aten.gelu_backward.default' in ops, ops
+    sync = sorted(op for op in ops if op.startswith(SYNC_OPS))
+    assert not sync, f'host synchronisation inside a training step: {sync}'
 
 
 # ---------------------------------------------------------------------------------------------
