@@ -42,13 +42,16 @@ def embed_patches_as_matmul(images: Sequence[torch.Tensor], proj: nn.Conv2d
         proj: the embedding's nn.Conv2d (C, C_in, p, p) with bias.
     Returns:
         (B, H_i/p * W_i/p, C) per image, patches row-major, as ``PatchEmbed`` gives them.
+    The patches are copied in the precision autocast gives the product: a float32 image is
+    cast as it is copied, one pass over it instead of a cast and a copy (the same values).
     """
     patch = proj.kernel_size[0]
     batch, chans = images[0].shape[:2]
     grids = [(image.shape[2] // patch, image.shape[3] // patch) for image in images]
     counts = [rows * cols for rows, cols in grids]
     # Each image's patches copied once, straight into their rows of one matrix.
-    patches = images[0].new_empty(batch, sum(counts), chans * patch * patch)
+    patches = images[0].new_empty(batch, sum(counts), chans * patch * patch,
+                                  dtype=autocast_dtype(images[0]))
     for image, (rows, cols), part in zip(images, grids, patches.split(counts, dim=1)):
         part.view(batch, rows, cols, chans, patch, patch).copy_(
             image.reshape(batch, chans, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5))
@@ -84,16 +87,22 @@ def cuda_forms() -> Iterator[None]:
         _cuda_forms_forced = previous
 
 
-def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the autocast dtype where autocast would cast it (on, and ``x`` floating but not
-    float64), as its matrix products would anyway, done once for several; else unchanged."""
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would cast ``x`` to for a matrix product (autocast on, ``x`` floating
+    but not float64); else ``x``'s own."""
     device = x.device.type
     # cuda and cpu first: Dynamo of PyTorch 2.11 cannot trace is_autocast_available.
     if ((device in ('cuda', 'cpu') or torch.amp.is_autocast_available(device))
             and torch.is_autocast_enabled(device)
             and x.is_floating_point() and x.dtype != torch.float64):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``autocast_dtype(x)``, as its matrix products would cast it anyway, done once
+    for several; else unchanged (the same tensor)."""
+    return x.to(autocast_dtype(x))
 
 
 def depthwise_tap_placement(grid: Tuple[int, int], kernel_size: int, dilation: int = 1

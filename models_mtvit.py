@@ -304,17 +304,20 @@ class MTViT(nn.Module):
         the image's positions.
         """
         if self._use_matmul(images[0]):
-            embedded = embed_patches_as_matmul([to_autocast_dtype(image) for image in images],
-                                               self.patch_embed.proj)
+            embedded = embed_patches_as_matmul(images, self.patch_embed.proj)
         else:
             embedded = [self.patch_embed(image) for image in images]
-        cls_token = self.cls_token.expand(images[0].shape[0], -1, -1)
-        tokens = torch.cat([part for patches in embedded for part in (cls_token, patches)], dim=1)
-        # (N, C) rows, not a (1, N, C) concatenation, whose backward would give each position
-        # table a gradient strided as the whole (DDP warns of the strides on every process).
-        positions = pos_embeds[0] if len(pos_embeds) == 1 else torch.cat(
-            [table[0] for table in pos_embeds])
-        return self.pos_drop(tokens + positions)
+        # Positions added before the concatenation: under autocast the patches come in half
+        # precision and their sums in float32, two passes over the tokens where a cast, a
+        # concatenation and an addition of the float32 tokens were three (the same sums).
+        # Each table split, not sliced: its gradient is one concatenation, strided as itself
+        # (DDP warns of a gradient strided otherwise, on every process).
+        parts = []
+        for patches, table in zip(embedded, pos_embeds):
+            cls_position, patch_positions = table.split([1, table.shape[1] - 1], dim=1)
+            parts += [(self.cls_token + cls_position).expand(patches.shape[0], -1, -1),
+                      patches + patch_positions]
+        return self.pos_drop(torch.cat(parts, dim=1))
 
     def _multi_scale_front(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the first blocks on both scales and fuses them. (B, 3, H, W) -> (B, 1 + N, C)."""

@@ -238,8 +238,9 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int, steps
     if trace_path:
         profiler.export_chrome_trace(trace_path)
     events = profiler.key_averages()
-    parts = [('self_device_time_total', 'device'), ('self_cpu_time_total', 'host')] if on_gpu \
-        else [('self_cpu_time_total', 'cpu')]
+    parts = [('self_cpu_time_total', 'cpu')]
+    if on_gpu:
+        parts = [('self_device_time_total', 'device'), ('self_cpu_time_total', 'host')]
     rows = []
     for field, where in parts:
         ranked = sorted(events, key=lambda event: getattr(event, field), reverse=True)[:top]
@@ -247,9 +248,9 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int, steps
                       calls_per_step=event.count / steps) for event in ranked]
     busy_ms = None
     if on_gpu:  # a user annotation's range on the device's timeline is no work of it
-        busy_ms = busy_time((event.time_range.start, event.time_range.end)
-                            for event in profiler.events() if event.device_type == DeviceType.CUDA
-                            and not event.is_user_annotation) / 1e3 / steps
+        busy_ms = busy_time(
+            (event.time_range.start, event.time_range.end) for event in profiler.events()
+            if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1e3 / steps
     return rows, busy_ms
 
 

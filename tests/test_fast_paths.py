@@ -6,7 +6,7 @@
    tensor, against the convolutions, one stream after the other, and the reference (the
    functions themselves: tests/test_matmul_ops.py).
 3. ``MTViT.token_counts``: ``tokens=model.token_counts(rate)`` is ``keep_rate=rate``.
-4. bf16 autocast on CPU against float32.
+4. bf16 autocast on CPU against float32; the mergence's weighted sums as bags.
 5. ``utils.check_finite_losses``, ``engine.reduction_kwargs``, and ``engine.train_one_epoch``
    reading the losses on the host only at progress lines.
 
@@ -17,6 +17,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -33,6 +34,8 @@ from matmul_ops import cuda_forms  # noqa: E402
 import models_mtvit  # noqa: E402
 from multi_scale import MULTI_SCALE_BLOCKS, run_per_stream, run_two_scales  # noqa: E402
 from op_costs import KernelOps  # noqa: E402
+import token_merging  # noqa: E402
+from token_merging import weighted_sum_tokens  # noqa: E402
 import utils  # noqa: E402
 from mtvit_reference import (DispatchRecorder, assert_reductions_equal, images,  # noqa: E402
                              make_model, ref_forward, reduction_sizes, tiny_kwargs)
@@ -431,6 +434,50 @@ def test_mergence_gathers_similarity_tokens_in_half_precision(forms, gather):
     assert bf16[2].tolist() == fp32[2].tolist() == [[0, 1, 2, 3, 4, 5, 3, 0, 5, 1]] * 2
     assert bf16[0].dtype == torch.float32
     torch.testing.assert_close(bf16[0], fp32[0])
+
+
+@pytest.mark.parametrize('forms', ['cuda', 'cpu'])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_weighted_sums_as_bags_equal_the_scatter_and_a_loop(forms, batch, monkeypatch):
+    # The mergence's sum without a gradient (F.embedding_bag) and with one (a product and a
+    # scatter, each device's form), against a loop over tokens; uneven bags, one of 7 tokens.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 10, 16, dtype=torch.float64, generator=gen)
+    shares = torch.rand(batch, 10, dtype=torch.float64, generator=gen)
+    destination = torch.tensor([0, 1, 2, 3, 1, 1, 1, 1, 1, 1]).roll(batch).expand(batch, -1)
+    expected = torch.zeros(batch, 4, 16, dtype=torch.float64)
+    for b, n in np.ndindex(batch, 10):
+        expected[b, destination[b, n]] += shares[b, n] * x[b, n]
+    with cuda_forms() if forms == 'cuda' else contextlib.nullcontext():
+        with KernelOps() as few_tokens:  # below BAG_MIN_TOKENS: the scatter (fewer launches)
+            scattered_few = weighted_sum_tokens(x, shares, destination, 4)
+        with monkeypatch.context() as patch, KernelOps() as ops:
+            patch.setattr(token_merging, 'BAG_MIN_TOKENS', batch * 10)
+            as_bags = weighted_sum_tokens(x, shares, destination, 4)
+            scattered = weighted_sum_tokens(x.requires_grad_(), shares, destination, 4)
+    # On the CPU the rows are added as they were (the bags did not beat them there).
+    assert sum('embedding_bag' in cost.name for cost in ops.costs) == (forms == 'cuda')
+    assert not any('embedding_bag' in cost.name for cost in few_tokens.costs)
+    torch.testing.assert_close(scattered_few, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(as_bags, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(scattered, expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize('multi_scale', [False, True])
+def test_models_summing_as_bags_equal_the_reference(multi_scale, monkeypatch):
+    # Every mergence's sums as bags (the CUDA forms, from any token count here), evaluated in
+    # float64, against the written-out reference: logits and the reductions made, batch 1 and 3.
+    monkeypatch.setattr(token_merging, 'BAG_MIN_TOKENS', 0)
+    model = make_model(seed=7, **tiny_kwargs(patch_size=16, img_size=64, drop_loc=(3, 4),
+                                             base_keep_rate=0.5, multi_scale=multi_scale))
+    x = images(3, 64, seed=9)
+    ref_logits, ref_reductions = ref_forward(model, x)
+    for batch in (1, 3):
+        with cuda_forms(), torch.no_grad(), KernelOps() as ops:
+            logits, reductions = model(x[:batch], get_idx=True)
+        assert sum('embedding_bag' in cost.name for cost in ops.costs) == 2  # one per mergence
+        torch.testing.assert_close(logits, ref_logits[:batch], rtol=1e-9, atol=1e-10)
+        assert_reductions_equal(reductions, ref_reductions[:batch])
 
 
 # ---------------------------------------------------------------------------------------------

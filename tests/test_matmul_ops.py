@@ -3,11 +3,11 @@
 1. ``depthwise_as_matmul`` / ``depthwise_tap_placement`` against ``F.conv2d`` and a placement
    written out by hand.
 2. ``bilinear_resize_matrix`` against ``F.interpolate``.
-3. ``to_autocast_dtype``.
+3. ``to_autocast_dtype``, and the patch embedding's copy in the autocast precision.
 4. The CPU forms of ``multi_scale``: ``DepthwiseConv2d``'s backward against ``F.conv2d``'s, and
    the 2x2 cell pooling and broadcasts, which reduce one dimension at a time.
 
-(``embed_patches_as_matmul`` is tested through the model, in tests/test_fast_paths.py.)
+(``embed_patches_as_matmul`` is also tested through the model, in tests/test_fast_paths.py.)
 
 Run: ``python -m pytest tests/test_matmul_ops.py -q`` from the repository root.
 """
@@ -129,6 +129,26 @@ def test_to_autocast_dtype_casts_what_autocast_casts():
         # A device without autocast (meta: shapes only) is left as it is, not an error.
         meta = torch.empty(2, device='meta')
         assert matmul_ops.to_autocast_dtype(meta) is meta
+
+
+def test_patch_embedding_copies_a_float32_image_in_the_autocast_precision():
+    # Cast while copied into the patch matrix: the same embeddings as of the image cast first.
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    image = torch.randn(2, 3, 8, 12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with DispatchRecorder(lambda func, args, out: (str(func), getattr(out, 'shape', None))
+                              ) as ops:
+            [cast_as_copied] = matmul_ops.embed_patches_as_matmul([image], proj)
+        [cast_first] = matmul_ops.embed_patches_as_matmul([image.bfloat16()], proj)
+    assert cast_as_copied.dtype == torch.bfloat16 and torch.equal(cast_as_copied, cast_first)
+    # One pass over the image's values: neither it nor its patches cast apart from the copy.
+    casts = [tuple(shape) for name, shape in ops.records if name.startswith('aten._to_copy')]
+    assert (2, 3, 8, 12) not in casts and (2, 6, 48) not in casts, casts
+    # Without autocast, the image's own precision: the convolution's values.
+    [exact] = matmul_ops.embed_patches_as_matmul([image.double()], proj.double())
+    expected = proj.double()(image.double()).flatten(2).transpose(1, 2)
+    assert exact.dtype == torch.float64 and torch.allclose(exact, expected, rtol=0, atol=1e-12)
 
 
 def test_to_autocast_dtype_compiles_where_autocast_availability_cannot_be_traced(monkeypatch):
