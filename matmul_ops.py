@@ -101,8 +101,9 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """``x`` in ``autocast_dtype(x)``, as its matrix products would cast it anyway, done once
-    for several; else unchanged (the same tensor)."""
-    return x.to(autocast_dtype(x))
+    for several; else unchanged (the same tensor, and no operation in a traced graph)."""
+    dtype = autocast_dtype(x)
+    return x if dtype == x.dtype else x.to(dtype)
 
 
 def depthwise_tap_placement(grid: Tuple[int, int], kernel_size: int, dilation: int = 1

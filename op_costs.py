@@ -225,16 +225,17 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int, steps
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+    def wait():  # for the device's queued work (none to wait for on the CPU)
+        if device.type != 'cpu':
+            torch.accelerator.synchronize(device)
     step()
+    wait()
     on_gpu = device.type == 'cuda'
-    if on_gpu:
-        torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
-        if on_gpu:
-            torch.cuda.synchronize(device)
+        wait()
     if trace_path:
         profiler.export_chrome_trace(trace_path)
     events = profiler.key_averages()

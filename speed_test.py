@@ -72,7 +72,7 @@ GPU_SUITE = (
     ('cuda-graphs', 'inference', 'fp16', (256,)),
     ('cuda-graphs', 'train', 'bf16', (256,)),
 )
-# The compiled MTViT-S were host-bound on the H200 (README): CUDA graphs launch a step at once.
+# The compiled MTViT-S's hosts never got far ahead of the H200: CUDA graphs launch a step at once.
 SUITE_COMPILE_MODES = {'cuda-graphs': 'reduce-overhead'}
 # --suite NAME: its parts ('compile-time': COMPILE_TIME_MODELS, each in a fresh process).
 SUITES = {'gpu': ('compile-time', 'eager', 'compiled-inference', 'compiled-train', 'cuda-graphs'),
@@ -377,10 +377,8 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
                 compile_record = _compile_record()
         timed.append(TimedStep(spec, step, batch_size))
     peak, host = {}, {}
-    # Under CUDA graphs a step's memory is its graph's pool, allocated when recorded: no peak;
-    # nor a profile (how the profiler and recorded graphs meet has not been tried on a GPU).
-    graphs = compiled and args.compile_mode == 'reduce-overhead'
-    measures_peak = mode == 'train' and not graphs
+    # Under CUDA graphs a step's memory is its graph's pool, allocated when recorded: no peak.
+    measures_peak = mode == 'train' and not (compiled and args.compile_mode == 'reduce-overhead')
     results = time_interleaved(timed, device, settings['iterations'], settings['warmup'],
                                settings['repeats'], peak_memory=peak if measures_peak else None,
                                host_costs=host)
@@ -403,11 +401,10 @@ def compare(models: Dict[str, nn.Module], mode: str, batch_size: int, args,
         if spec in compile_seconds:
             record['first_step_s'] = compile_seconds[spec]
         record.update(compile_record)
-        if (args.profile or args.trace) and not graphs:
+        if args.profile or args.trace:
             trace = args.trace and os.path.join(args.trace, _trace_name(record))
             rows, busy_ms = profile_step(steps[spec], device, args.profile, PROFILED_STEPS, trace)
-            if args.profile:
-                record['profile'] = rows
+            record['profile'] = rows
             if busy_ms is not None:
                 record['device_busy_share'] = busy_ms * medians[spec] / (1e3 * batch_size)
         records.append(record)
@@ -539,11 +536,6 @@ def main(args: argparse.Namespace) -> List[dict]:
     folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f'--json {args.json}: {folder} is not a writable folder')
-    try:
-        if args.trace:
-            os.makedirs(args.trace, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f'--trace {args.trace}: cannot make the folder ({error.strerror})')
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':
@@ -555,6 +547,13 @@ def main(args: argparse.Namespace) -> List[dict]:
         raise ValueError('--compile-mode needs --compile')
     if settings['iterations'] < 1 or settings['warmup'] < 0 or settings['repeats'] < 0:
         raise ValueError('--iterations must be at least 1, --warmup and --repeats at least 0')
+    if args.trace:  # before any timing, which a late failure to write would waste
+        try:
+            os.makedirs(args.trace, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f'--trace {args.trace}: cannot make the folder ({error})') from None
+        if not os.access(args.trace, os.W_OK):
+            raise ValueError(f'--trace {args.trace}: the folder is not writable')
     if args.suite:
         if args.models or args.batch_size or args.compile or AMP_DTYPES[args.amp] is not None:
             raise ValueError('--suite fixes the models, batch sizes, precision and compilation: '

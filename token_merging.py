@@ -204,7 +204,7 @@ def sum_tokens(x: torch.Tensor, destination: torch.Tensor, num_out: int) -> torc
 
 BAG_MIN_TOKENS = 4096
 """Fewest tokens (of the whole batch) whose mergence sums run as bags (``weighted_sum_tokens``):
-below, a forward is bound by the host's launches, and the bags' 8 small operations more cost it
+below, a forward is bound by the host's launches, and the bags' 7 small operations more cost it
 more than the two passes over the tokens they save (MTViT-S: about 20 images of 197 tokens)."""
 
 

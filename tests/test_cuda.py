@@ -67,7 +67,9 @@ def test_float32_logits_equal_the_cpus(variant, bags, monkeypatch):
     x = images(3, 224, seed=2, double=False)
     with torch.no_grad(), _float32_kernels():
         expected, expected_reductions = model(x, get_idx=True)
-        got, reductions = model.to(CUDA)(x.to(CUDA), get_idx=True)
+        with op_costs.KernelOps() as ops:
+            got, reductions = model.to(CUDA)(x.to(CUDA), get_idx=True)
+    assert sum('embedding_bag' in cost.name for cost in ops.costs) == len(reductions) * bags
     for number, ((kept, _), (expected_kept, _)) in enumerate(zip(reductions, expected_reductions)):
         assert torch.equal(kept.cpu().sort(dim=1).values, expected_kept.sort(dim=1).values), \
             f'reduction {number}: other tokens kept'

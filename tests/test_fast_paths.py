@@ -440,11 +440,13 @@ def test_mergence_gathers_similarity_tokens_in_half_precision(forms, gather):
 @pytest.mark.parametrize('batch', [1, 3])
 def test_weighted_sums_as_bags_equal_the_scatter_and_a_loop(forms, batch, monkeypatch):
     # The mergence's sum without a gradient (F.embedding_bag) and with one (a product and a
-    # scatter, each device's form), against a loop over tokens; uneven bags, one of 7 tokens.
+    # scatter, each device's form), against a loop over tokens; uneven bags, one of 7 tokens,
+    # of other sizes in each image.
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(batch, 10, 16, dtype=torch.float64, generator=gen)
     shares = torch.rand(batch, 10, dtype=torch.float64, generator=gen)
-    destination = torch.tensor([0, 1, 2, 3, 1, 1, 1, 1, 1, 1]).roll(batch).expand(batch, -1)
+    destination = torch.tensor([[1, 1, 0, 2, 1, 3, 1, 1, 1, 1], [0, 1, 2, 3, 3, 2, 1, 3, 3, 2],
+                                [3, 0, 2, 1, 0, 0, 0, 0, 2, 1]])[:batch]
     expected = torch.zeros(batch, 4, 16, dtype=torch.float64)
     for b, n in np.ndindex(batch, 10):
         expected[b, destination[b, n]] += shares[b, n] * x[b, n]
