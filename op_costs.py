@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from matmul_ops import cuda_forms
-from utils import amp_autocast
+from utils import amp_autocast, synchronize
 
 __all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'busy_time', 'count_flops',
            'count_kernel_ops', 'count_macs', 'print_roofline', 'profile_step', 'step_costs',
@@ -225,17 +225,14 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int, steps
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    def wait():  # for the device's queued work (none to wait for on the CPU)
-        if device.type != 'cpu':
-            torch.accelerator.synchronize(device)
     step()
-    wait()
+    synchronize(device)
     on_gpu = device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
-        wait()
+        synchronize(device)
     if trace_path:
         profiler.export_chrome_trace(trace_path)
     events = profiler.key_averages()

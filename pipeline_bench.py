@@ -21,8 +21,7 @@ import time
 import torch
 
 from datasets import DATA_SETS
-from speed_test import synchronize
-from utils import NON_NEGATIVE_INT, POSITIVE_INT
+from utils import NON_NEGATIVE_INT, POSITIVE_INT, synchronize
 
 DEFAULT_ROUNDS = 7
 DEFAULT_IMAGES = 512

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from atomic_write import replacing
 from launch_env import parse_device
 from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline, profile_step
-from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast
+from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast, synchronize
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
 # drifts with its clock: several rounds and their median say more than one long one).
@@ -86,12 +86,6 @@ COMPILE_PHASES = {'bytecode_tracing': 'Dynamo tracing',
                   'create_aot_dispatcher_function': 'AOT autograd and inductor',
                   'async_compile.wait': 'waiting for kernels'}
 COMPILE_TIME_MODELS = (DEIT_S, MTVIT_S_MULTI)  # compile time measured, each in a fresh process
-
-
-def synchronize(device: torch.device):
-    """Waits for the device's queued work, so that the clock reads finished work only."""
-    if device.type != 'cpu':
-        torch.accelerator.synchronize(device)
 
 
 @dataclass
@@ -157,7 +151,8 @@ def time_interleaved(timed: Sequence[TimedStep], device: torch.device, iteration
     by the kernel at every step (and so is the heap's trimmed top), which can take a quarter of a
     CPU model's time and so move the ratios between models; ``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` set above the largest activation (4294967296) remove both. On
-    CUDA a host ahead of the device waits for it at a round's end, in the driver: near 0, never.
+    CUDA a host far ahead of the device blocks in the driver once its queue of launches is full:
+    a share near 0 says the host never got far ahead, not which side set the time.
     """
     for entry in timed:
         for _ in range(warmup):

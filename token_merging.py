@@ -172,8 +172,9 @@ def exporting() -> bool:
 
 def _flat_rows(index: torch.Tensor, num_tokens: int, start: int = 0) -> torch.Tensor:
     """(B, M) token positions -> (B * M,) rows of the (B * num_tokens, C) flattened tokens."""
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
-    return (index + (offsets + start)).flatten()
+    first_rows = torch.arange(start, start + index.shape[0] * num_tokens, num_tokens,
+                              device=index.device)  # of each image's tokens: one operation
+    return (index + first_rows.unsqueeze(1)).flatten()
 
 
 # On the CPU, whole-row index_select and index_add_ over the flattened tokens take a quarter of
@@ -228,13 +229,10 @@ def weighted_sum_tokens(x: torch.Tensor, shares: torch.Tensor, destination: torc
     batch, num_tokens, dim = x.shape
     sources = torch.sort(destination, dim=1, stable=True).indices  # bag by bag
     sizes = destination.new_zeros(batch, num_out).scatter_add_(
-        1, destination, destination.new_ones(()).expand_as(destination))
-    ends = sizes.flatten().cumsum(0)
-    rows = sources + torch.arange(0, batch * num_tokens, num_tokens,
-                                  device=x.device).unsqueeze(1)
-    summed = F.embedding_bag(rows.flatten(), x.reshape(-1, dim), ends - sizes.flatten(),
-                             mode='sum', per_sample_weights=shares.gather(1, sources).flatten()
-                             .to(x.dtype))
+        1, destination, destination.new_ones(()).expand_as(destination)).flatten()
+    summed = F.embedding_bag(_flat_rows(sources, num_tokens), x.reshape(-1, dim),
+                             sizes.cumsum(0) - sizes, mode='sum',
+                             per_sample_weights=shares.gather(1, sources).flatten().to(x.dtype))
     return summed.view(batch, num_out, dim)
 
 

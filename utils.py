@@ -127,6 +127,12 @@ def amp_autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device``'s queued work (none on the CPU), so that a clock reads finished work."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def init_distributed(device: DeviceLike, dist_url: str = "env://",
                      local_rank: Optional[int] = None) -> DistState:
     """Create the process group if this process was started by a distributed launcher.
