@@ -32,9 +32,9 @@ from torch.utils._pytree import tree_flatten
 from matmul_ops import cuda_forms
 from utils import amp_autocast, synchronize
 
-__all__ = ['KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'busy_time', 'count_flops',
-           'count_kernel_ops', 'count_macs', 'print_roofline', 'profile_step', 'step_costs',
-           'tensor_bytes']
+__all__ = ['COUNT_TRAIN_BATCH', 'KernelOps', 'OpCost', 'RooflineGPU', 'H100', 'busy_time',
+           'count_flops', 'count_macs', 'count_ops', 'print_op_counts', 'print_roofline',
+           'profile_step', 'step_costs', 'tensor_bytes']
 
 MATRIX_PRODUCTS = ('mm', 'addmm', 'bmm', 'baddbmm')
 GATHERS = ('gather', 'index_select', 'embedding', 'index')
@@ -112,6 +112,9 @@ class KernelOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.costs: List[OpCost] = []
+        self.dispatched = 0
+        """Every operation that reached the dispatcher, views and other metadata changes
+        included: the host's work (each costs it a dispatch, in the forward an autograd node)."""
 
     @property
     def count(self) -> int:
@@ -120,6 +123,7 @@ class KernelOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.dispatched += 1
         name = func.overloadpacket.__name__
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -149,6 +153,12 @@ def step_costs(model: nn.Module, input_size: int, device: torch.device, batch_si
     cross-entropy loss under the same autocast; no optimizer), as ``speed_test``'s training
     step. The model's mode and any gradients it holds are as they were afterwards; the
     gradients are set aside during the step, so that none is accumulated into."""
+    return _record_step(model, input_size, device, batch_size, amp_dtype, train).costs
+
+
+def _record_step(model: nn.Module, input_size: int, device: torch.device, batch_size: int,
+                 amp_dtype: Optional[torch.dtype], train: bool) -> KernelOps:
+    """``step_costs``'s step, recorded: the whole ``KernelOps``."""
     was_training = model.training
     held = {parameter: parameter.grad for parameter in model.parameters()}
     model.train(train)
@@ -167,7 +177,7 @@ def step_costs(model: nn.Module, input_size: int, device: torch.device, batch_si
         model.train(was_training)
         for parameter, grad in held.items():
             parameter.grad = grad
-    return ops.costs
+    return ops
 
 
 def print_roofline(models: Dict[str, nn.Module], modes: Sequence[str], input_size: int,
@@ -252,10 +262,42 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int, steps
     return rows, busy_ms
 
 
-def count_kernel_ops(model: nn.Module, input_size: int, device: torch.device,
-                     amp_dtype: Optional[torch.dtype] = None) -> int:
-    """Kernel-running operations of one eval-mode forward of one image, under ``amp_dtype``."""
-    return len(step_costs(model, input_size, device, amp_dtype=amp_dtype))
+COUNT_TRAIN_BATCH = 2
+"""Images of the training step ``count_ops`` counts: the smallest batch that takes every larger
+batch's paths (a single image takes the class attention's per-head product); the forms chosen
+by size (the mergence's bags, the fused norms) run only without gradients."""
+
+
+def count_ops(model: nn.Module, input_size: int, device: torch.device,
+              amp_dtype: Optional[torch.dtype] = None, train: bool = False) -> Tuple[int, int]:
+    """The kernel-running operations (``KernelOps.count``: on a GPU each a launch) and all the
+    operations dispatched (``KernelOps.dispatched``) of one eval-mode forward of one image, or
+    with ``train`` of a training step (``step_costs``) of ``COUNT_TRAIN_BATCH`` images, in the
+    CUDA forms under ``amp_dtype``. Where the host sets a GPU's time (small batches, and the
+    reduced models' eager training steps on the H200s measured, docs/gpu_notes.md), that time
+    follows these counts."""
+    ops = _record_step(model, input_size, device, COUNT_TRAIN_BATCH if train else 1, amp_dtype,
+                       train)
+    return ops.count, ops.dispatched
+
+
+def print_op_counts(models: Dict[str, nn.Module], modes: Sequence[str], input_size: int,
+                    device: torch.device, amp: str, amp_dtype: Optional[torch.dtype]
+                    ) -> List[dict]:
+    """Prints ``count_ops`` of each model for each of ``modes`` ('inference', 'train') under
+    ``amp_dtype`` autocast (``amp``: its name); returns one record each (speed_test's
+    ``--count-ops`` and ``--json``)."""
+    records = []
+    for mode in modes:
+        train = mode == 'train'
+        batch_size, step = (COUNT_TRAIN_BATCH, 'training step') if train else (1, 'forward')
+        for spec, model in models.items():
+            kernels, dispatched = count_ops(model, input_size, device, amp_dtype, train=train)
+            records.append(dict(model=spec, mode=f'ops-{mode}', batch_size=batch_size, amp=amp,
+                                kernel_operations=kernels, dispatched_operations=dispatched))
+            print(f'{spec}: {kernels} kernel-running operations per {step} (batch {batch_size}, '
+                  f'amp {amp}); {dispatched} dispatched', flush=True)
+    return records
 
 
 def _sdpa_flop_handle(inputs, outputs) -> int:

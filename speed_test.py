@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from atomic_write import replacing
 from launch_env import parse_device
-from op_costs import count_flops, count_kernel_ops, count_macs, print_roofline, profile_step
+from op_costs import (count_flops, count_macs, print_op_counts, print_roofline,
+                      profile_step)
 from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast, synchronize
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed
@@ -313,8 +314,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads')
     parser.add_argument('--flops', action='store_true', help='also print fvcore FLOPs per image')
     parser.add_argument('--count-ops', action='store_true',
-                        help='also print the kernel-running operations of one forward at batch 1 '
-                             '(under --amp; each a launch on a GPU)')
+                        help='also print the kernel-running operations (each a launch on a GPU) '
+                             'and all operations dispatched of one forward of one image, or '
+                             '(--mode train) of a training step of two, under --amp')
     parser.add_argument('--roofline', action='store_true',
                         help='also print the estimated H100 eager time of one step (--mode) at '
                              f'the first --batch-size (default {ROOFLINE_BATCH}) under --amp, from '
@@ -561,14 +563,13 @@ def main(args: argparse.Namespace) -> List[dict]:
     if args.flops:
         for spec, model in models.items():
             report_flops(model, args.input_size, device, label=f'{spec}: ')
-    if args.count_ops:
-        for spec, model in models.items():
-            print(f'{spec}: {count_kernel_ops(model, args.input_size, device, AMP_DTYPES[args.amp])}'
-                  f' kernel-running operations per forward (batch 1, amp {args.amp})')
     modes = ('inference', 'train') if args.mode == 'both' else (args.mode,)
-    records = (print_roofline(models, modes, args.input_size, device,
-                              args.batch_size[0] if args.batch_size else ROOFLINE_BATCH, args.amp,
-                              AMP_DTYPES[args.amp]) if args.roofline else [])
+    records = (print_op_counts(models, modes, args.input_size, device, args.amp,
+                               AMP_DTYPES[args.amp]) if args.count_ops else [])
+    if args.roofline:
+        records += print_roofline(models, modes, args.input_size, device,
+                                  args.batch_size[0] if args.batch_size else ROOFLINE_BATCH,
+                                  args.amp, AMP_DTYPES[args.amp])
     if settings['repeats'] == 0:  # the counts and estimates only
         _write_json(args.json, device, records)
         return records

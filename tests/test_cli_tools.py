@@ -447,17 +447,31 @@ def test_step_costs_count_the_cuda_forms_on_the_cpu():
     assert {'index_select', 'index_add_'} <= {op.name for op in cpu.costs}
 
 
-def test_speed_test_counts_operations_per_block():
-    # Each of DeiT's blocks runs the same operations: depth 3 adds to depth 2 what 2 adds to 1.
+def test_speed_test_counts_operations_per_block(tmp_path):
+    # Each of DeiT's blocks runs the same operations: depth 3 adds to depth 2 what 2 adds to 1,
+    # in a forward and in a training step, whose backward adds kernels of its own.
+    json_path = tmp_path / 'counts.json'
     result = run_speed_test(*(f'deit_small_patch16_224:depth={depth}' for depth in (1, 2, 3)),
-                            '--input-size', '32', '--count-ops', '--batch-size', '1',
-                            '--iterations', '1', '--repeats', '1', '--warmup', '0')
+                            '--input-size', '32', '--count-ops', '--mode', 'both',
+                            '--repeats', '0', '--json', str(json_path))
     assert result.returncode == 0, result.stderr
-    counts = [int(count) for count in re.findall(
-        r'^deit_small_patch16_224:depth=\d: (\d+) kernel-running operations per forward '
-        r'\(batch 1, amp none\)$', result.stdout, re.MULTILINE)]
-    assert len(counts) == 3, result.stdout
-    assert counts[2] - counts[1] == counts[1] - counts[0] > 5
+    per_block = {}
+    for step, batch in (('forward', 1), ('training step', 2)):
+        counts = [(int(kernels), int(dispatched)) for kernels, dispatched in re.findall(
+            rf'^deit_small_patch16_224:depth=\d: (\d+) kernel-running operations per {step} '
+            rf'\(batch {batch}, amp none\); (\d+) dispatched$', result.stdout, re.MULTILINE)]
+        assert len(counts) == 3, result.stdout
+        for column in range(2):
+            first, second, third = (count[column] for count in counts)
+            assert third - second == second - first > 5
+        assert all(dispatched > kernels for kernels, dispatched in counts)
+        per_block[step] = counts[1][0] - counts[0][0]
+    assert per_block['training step'] > 2 * per_block['forward']
+    records = json.loads(json_path.read_text())['records']
+    assert [(record['mode'], record['batch_size']) for record in records] == (
+        [('ops-inference', 1)] * 3 + [('ops-train', 2)] * 3)
+    assert records[4]['kernel_operations'] - records[3]['kernel_operations'] == per_block[
+        'training step']
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal where no GPU is')
