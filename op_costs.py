@@ -97,7 +97,8 @@ def _flops(name: str, args: tuple, outputs: List[torch.Tensor]) -> int:
 class KernelOps(TorchDispatchMode):
     """Records the operations that run a kernel: those that write new memory (allocations
     alone excluded) or write in place; views and other changes of metadata are free. Each is
-    an ``OpCost`` in ``costs``; ``count`` is how many.
+    an ``OpCost`` in ``costs``; ``count`` is how many. ``dispatched`` counts every operation that
+    reached the dispatcher, views and other changes of metadata included: the host's work.
 
     Bytes: every tensor argument read once, a broadcast (stride-0) dimension once, plus every
     output written; except that a gather reads only what it gathers (and its indices), a
@@ -113,8 +114,6 @@ class KernelOps(TorchDispatchMode):
         super().__init__()
         self.costs: List[OpCost] = []
         self.dispatched = 0
-        """Every operation that reached the dispatcher, views and other metadata changes
-        included: the host's work (each costs it a dispatch, in the forward an autograd node)."""
 
     @property
     def count(self) -> int:

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 
 from atomic_write import replacing
 from launch_env import parse_device
-from op_costs import (count_flops, count_macs, print_op_counts, print_roofline,
-                      profile_step)
+from op_costs import count_flops, count_macs, print_op_counts, print_roofline, profile_step
 from utils import POSITIVE_INT, OneLineErrorParser, amp_autocast, synchronize
 
 # Defaults that finish in about a minute on a 2-core CPU; on a GPU, short rounds (a GPU's speed

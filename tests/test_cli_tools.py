@@ -352,6 +352,9 @@ def test_kernel_ops_counts_writes_not_views_or_allocations():
         y.mul_(2)  # in place
         x.t().contiguous()  # a copy
     assert ops.count == 3
+    # Every operation reaches the dispatcher: view, t, slice, unsqueeze, expand, empty, add,
+    # mul_, t, clone (contiguous's copy)
+    assert ops.dispatched == 10
 
 
 def test_kernel_ops_bytes_and_flops():
