@@ -268,16 +268,18 @@ by size (the mergence's bags, the fused norms) run only without gradients."""
 
 
 def count_ops(model: nn.Module, input_size: int, device: torch.device,
-              amp_dtype: Optional[torch.dtype] = None, train: bool = False) -> Tuple[int, int]:
+              amp_dtype: Optional[torch.dtype] = None, train: bool = False) -> dict:
     """The kernel-running operations (``KernelOps.count``: on a GPU each a launch) and all the
     operations dispatched (``KernelOps.dispatched``) of one eval-mode forward of one image, or
     with ``train`` of a training step (``step_costs``) of ``COUNT_TRAIN_BATCH`` images, in the
-    CUDA forms under ``amp_dtype``. Where the host sets a GPU's time (small batches, and the
+    CUDA forms under ``amp_dtype``: ``{'batch_size', 'kernel_operations',
+    'dispatched_operations'}``. Where the host sets a GPU's time (small batches, and the
     reduced models' eager training steps on the H200s measured, docs/gpu_notes.md), that time
     follows these counts."""
-    ops = _record_step(model, input_size, device, COUNT_TRAIN_BATCH if train else 1, amp_dtype,
-                       train)
-    return ops.count, ops.dispatched
+    batch_size = COUNT_TRAIN_BATCH if train else 1
+    ops = _record_step(model, input_size, device, batch_size, amp_dtype, train)
+    return dict(batch_size=batch_size, kernel_operations=ops.count,
+                dispatched_operations=ops.dispatched)
 
 
 def print_op_counts(models: Dict[str, nn.Module], modes: Sequence[str], input_size: int,
@@ -288,14 +290,13 @@ def print_op_counts(models: Dict[str, nn.Module], modes: Sequence[str], input_si
     ``--count-ops`` and ``--json``)."""
     records = []
     for mode in modes:
-        train = mode == 'train'
-        batch_size, step = (COUNT_TRAIN_BATCH, 'training step') if train else (1, 'forward')
+        step = 'training step' if mode == 'train' else 'forward'
         for spec, model in models.items():
-            kernels, dispatched = count_ops(model, input_size, device, amp_dtype, train=train)
-            records.append(dict(model=spec, mode=f'ops-{mode}', batch_size=batch_size, amp=amp,
-                                kernel_operations=kernels, dispatched_operations=dispatched))
-            print(f'{spec}: {kernels} kernel-running operations per {step} (batch {batch_size}, '
-                  f'amp {amp}); {dispatched} dispatched', flush=True)
+            counted = count_ops(model, input_size, device, amp_dtype, train=mode == 'train')
+            records.append(dict(model=spec, mode=f'ops-{mode}', amp=amp, **counted))
+            print(f'{spec}: {counted["kernel_operations"]} kernel-running operations per {step} '
+                  f'(batch {counted["batch_size"]}, amp {amp}); '
+                  f'{counted["dispatched_operations"]} dispatched', flush=True)
     return records
 
 
